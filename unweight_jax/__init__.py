@@ -1,0 +1,1 @@
+"""unweight-jax."""
