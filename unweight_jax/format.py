@@ -19,6 +19,9 @@ GROUP = 64
 PALETTE_SIZE = 16
 DEFAULT_CHUNK_STEPS = 512
 
+# Resident forms of a compressed tensor on the device (`unweight_jax.weights` builds them).
+FORMS = ("huffman", "transcode", "palette", "exponent")
+
 
 class FormatError(ValueError):
     """Compressed data that does not follow the format (corrupt, truncated or inconsistent)."""

@@ -1,0 +1,109 @@
+"""`unweight generate MODEL_OR_BUNDLE`: generate tokens from a bundle or a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import CommandError
+
+DTYPES = ("float32", "bfloat16")
+
+
+def token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of token ids (example: 1,345,27)") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("a prompt needs at least one token id")
+    return ids
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    from ..format import FORMS
+
+    parser = commands.add_parser(
+        "generate",
+        help="generate text from a bundle or a checkpoint",
+        description="Generate from a bundle (compressed layers run from their compressed weights), a Hugging Face "
+        "directory or a llama2.c .bin file. Prompts are token ids, or text when a tokenizer.json sits beside the weights.",
+    )
+    parser.add_argument("model", metavar="MODEL_OR_BUNDLE")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", metavar="TEXT", action="append", help="a text prompt (repeat for a batch)")
+    prompt.add_argument("--ids", metavar="IDS", type=token_ids, action="append", help="a prompt as token ids, e.g. 1,345,27 (repeat for a batch)")
+    parser.add_argument("-n", "--max-new-tokens", type=int, default=64, metavar="N")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--form", choices=FORMS, help="resident form of compressed layers (default: palette on a GPU, huffman elsewhere)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="activation dtype (default float32)")
+    parser.add_argument(
+        "--param-dtype",
+        choices=DTYPES,
+        default="float32",
+        help="weight dtype for a plain checkpoint; bfloat16 rounds fp32 weights (lossy). Bundles are bf16",
+    )
+    parser.set_defaults(run=run)
+
+
+def find_tokenizer(model: Path):
+    """The `tokenizers` tokenizer in a tokenizer.json beside (or inside) the weights, or None."""
+    folder = model if model.is_dir() else model.parent
+    file = folder / "tokenizer.json"
+    if not file.is_file():
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise CommandError(f"{file} needs the 'tokenizers' package: pip install 'unweight-jax[tools]'") from None
+    return Tokenizer.from_file(str(file))
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
+    from ..loading import load_model
+    from ..models.generate import generate
+
+    model_path = Path(args.model)
+    if not model_path.exists():
+        raise CommandError(f"{model_path}: no such model, bundle or checkpoint")
+    tokenizer = find_tokenizer(model_path)
+    if args.prompt and tokenizer is None:
+        raise CommandError(f"--prompt needs a tokenizer.json beside {model_path}; give token ids with --ids instead")
+    if args.max_new_tokens < 1:
+        raise CommandError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+
+    model = load_model(model_path, form=args.form, dtype=getattr(jnp, args.dtype), param_dtype=getattr(jnp, args.param_dtype))
+    if args.prompt:
+        prompts = [tokenizer.encode(text).ids for text in args.prompt]
+    elif args.ids:
+        prompts = args.ids
+    elif model.config.bos_id is not None:
+        prompts = [[model.config.bos_id]]
+    else:
+        raise CommandError("the model has no BOS token id: give a prompt with --ids or --prompt")
+    try:
+        result = generate(
+            model,
+            prompts,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            eos_id=list(model.config.eos_ids) or None,
+        )
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+
+    for prompt, tokens in zip(prompts, result.tokens):
+        if tokenizer is not None:
+            print(tokenizer.decode(prompt + tokens))
+        print("tokens:", " ".join(map(str, tokens)))
+    print(
+        f"{sum(map(len, result.tokens))} tokens; decode {result.tokens_per_second:.1f} tokens/s "
+        f"(prefill {result.prefill_seconds * 1e3:.1f} ms, compile {result.compile_seconds:.1f} s)"
+    )
+    return 0
