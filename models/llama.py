@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from ..pipelines import dense
 from .config import LlamaConfig
 
 DType = Any  # a jnp/numpy dtype or scalar type, e.g. jnp.bfloat16
@@ -28,14 +29,10 @@ _init = nnx.initializers.normal(0.02)  # transformers' LlamaConfig.initializer_r
 
 
 def _matmul_t(x: jax.Array, weight: jax.Array, dtype: DType) -> jax.Array:
-    """x @ weight.T for weight [out, in], accumulated in fp32 and returned in `dtype`."""
-    y = lax.dot_general(
-        x.astype(dtype),
-        weight.astype(dtype),
-        (((x.ndim - 1,), (1,)), ((), ())),
-        preferred_element_type=jnp.float32,
-    )
-    return y.astype(dtype)
+    """x @ weight.T for weight [out, in], accumulated in fp32 and returned in `dtype`: the same
+    product (`pipelines.dense`) that a compressed layer's `full` pipeline runs, so the two agree
+    bit for bit."""
+    return dense(x.astype(dtype), weight)
 
 
 class Linear(nnx.Module):

@@ -114,7 +114,7 @@ def decode_lut(table: np.ndarray) -> np.ndarray:
 
 def encode(bits: np.ndarray, chunk_steps: int = DEFAULT_CHUNK_STEPS) -> HuffmanParts:
     """bf16 bit patterns (uint16, any shape) -> Huffman parts."""
-    bits = np.ascontiguousarray(bits, dtype=np.uint16)
+    bits = np.asarray(bits, dtype=np.uint16, order="C")
     shape = tuple(bits.shape)
     e, sm = split_bf16(bits.reshape(-1))
     lengths = code_lengths(np.bincount(e, minlength=256))

@@ -8,7 +8,17 @@
 namespace py = pybind11;
 
 // X(target name, handler symbol)
-#define UW_CUDA_HANDLERS(X)
+#define UW_CUDA_HANDLERS(X)                                      \
+  X("unweight_huffman_to_bf16", UwHuffmanToBf16Cuda)             \
+  X("unweight_huffman_to_exponent", UwHuffmanToExponentCuda)     \
+  X("unweight_huffman_to_palette", UwHuffmanToPaletteCuda)       \
+  X("unweight_palette_to_bf16", UwPaletteToBf16Cuda)             \
+  X("unweight_gemv_palette", UwGemvPaletteCuda)                  \
+  X("unweight_gemv_exponent", UwGemvExponentCuda)                \
+  X("unweight_gemv_bf16", UwGemvBf16Cuda)                        \
+  X("unweight_gemm_palette", UwGemmPaletteCuda)                  \
+  X("unweight_gemm_exponent", UwGemmExponentCuda)                \
+  X("unweight_gemm_bf16", UwGemmBf16Cuda)
 
 #define UW_DECLARE(name, symbol) extern "C" XLA_FFI_Error* symbol(XLA_FFI_CallFrame*);
 UW_CUDA_HANDLERS(UW_DECLARE)

@@ -63,12 +63,60 @@ UW_HD void lane_consume(LaneState& s, uint32_t len) {
   s.buf <<= len;
   s.avail -= static_cast<int32_t>(len);
 }
+// Branch-free refill step for CPU decoders: the lane takes `word` only if it needs one.
+// Returns 1 when the word was taken (the stream position advances), else 0.
+UW_HD uint32_t lane_refill_if_needed(LaneState& s, uint32_t word, int max_len) {
+  const uint32_t need = lane_needs_word(s, max_len) ? 1u : 0u;
+  s.buf |= (word & (0u - need)) << ((kWordBits - s.avail) & 31);
+  s.avail += kWordBits * static_cast<int32_t>(need);
+  return need;
+}
 
 // ---- palette form (section 3)
 UW_HD int64_t groups_per_row(int64_t cols) { return (cols + kGroup - 1) / kGroup; }
+// Elements in group `g` of a row (the last group of a row may be short); it starts at column
+// g * kGroup, byte g * kGroup / 2 of the row's indices.
+UW_HD int64_t group_len(int64_t cols, int64_t g) {
+  const int64_t rest = cols - g * kGroup;
+  return rest < kGroup ? rest : kGroup;
+}
 UW_HD int64_t packed_cols(int64_t cols) { return (cols + 1) / 2; }
 UW_HD uint32_t nibble_at(const uint8_t* idx_row, int64_t c) {
   return (idx_row[c >> 1] >> ((c & 1) * 4)) & 0xFu;
+}
+// The elements of `idx` byte `b` of an [R, cols] tensor: the flat index of its low-nibble
+// element, and whether its high nibble holds the next one (not so for the padding of odd cols).
+struct IdxByteElems {
+  int64_t first;
+  bool has_second;
+};
+UW_HD IdxByteElems idx_byte_elems(int64_t b, int64_t cols) {
+  const int64_t p = packed_cols(cols);
+  const int64_t c = 2 * (b % p);
+  return {(b / p) * cols + c, c + 1 < cols};
+}
+// The first `idx` byte whose first element is at flat index `i` or later (R * packed_cols for i = n).
+UW_HD int64_t idx_byte_at_or_after(int64_t i, int64_t cols) {
+  return (i / cols) * packed_cols(cols) + ((i % cols) + 1) / 2;
+}
+
+// ---- escape index of the fused kernels (unweight_jax.weights.escape_index)
+// Per row, one bit per group in 32-bit words, and per word the esc_exp slot of its first escape.
+constexpr int kEscWordBits = 32;
+UW_HD int64_t escape_words_per_row(int64_t cols) {
+  return (groups_per_row(cols) + kEscWordBits - 1) / kEscWordBits;
+}
+UW_HD uint32_t popcount32(uint32_t v) {
+#if defined(__CUDA_ARCH__)
+  return __popc(v);
+#else
+  return static_cast<uint32_t>(__builtin_popcount(v));
+#endif
+}
+// The esc_exp slot of the escape group at bit `bit` of a row's mask word `mask_word`, whose
+// first escape has slot `prefix_word`.
+UW_HD uint32_t escape_slot(uint32_t mask_word, uint32_t prefix_word, uint32_t bit) {
+  return prefix_word + popcount32(mask_word & ((1u << bit) - 1u));
 }
 
 }  // namespace unweight

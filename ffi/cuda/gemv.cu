@@ -1,0 +1,784 @@
+// The GEMV family of fused matmuls: y[B, R] = x[B, C] @ W[R, C]^T for batches of 1 to 16, fp32
+// accumulation, y rounded to bf16. At these batches a step is pure weight traffic, so the weight
+// is read in its compressed resident form (FORMAT.md section 3, or exponent + sign/mantissa
+// bytes) and rebuilt to bf16 in registers; nothing of it is staged in shared memory. The plain
+// bf16 twin runs the same kernels with the rebuild replaced by a load: the fused kernels must
+// match it bit for bit, which is their proof of losslessness.
+//
+// Work split. A block owns RT tiles of 16 rows; its warps split the columns, in steps of 64 (one
+// escape group of each row), and add their partial sums in shared memory at the end. In a step
+// lane (g, t) = (lane / 4, lane % 4) reads columns [64 s + 16 t, +16) of rows g and g + 8 of
+// each tile (one 16-byte load of sign+mantissa bytes and one 8-byte load of indices per row),
+// U steps ahead of their first use. Those 16 weights feed four mma.m16n8k16 (gemv_fragment.cuh
+// pairs the columns; the k-slots 2t, 2t+1, 2t+8, 2t+9 of mma j take columns 4j, 4j+2, 4j+1,
+// 4j+3), and the B operand takes the same columns of x row g straight from global memory (L1),
+// so x needs no staging and every lane's loads stay 16 bytes wide.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "byte_pack.cuh"
+#include "ffi_support.cuh"
+#include "gemv_fragment.cuh"
+#include "unweight/format.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace unweight::cuda {
+namespace {
+
+constexpr int kStepCols = kGroup;  // columns of a row per warp step: one escape group
+constexpr int kLaneCols = 16;      // columns of a row per lane and step
+constexpr int kTileRows = 16;      // rows of an mma tile: lane (g, t) holds rows g and g + 8
+constexpr int kMaxWarps = 8;       // warps per block, splitting the columns of its rows
+constexpr int kMaxBatch = 16;
+constexpr int kMaxFmaBatch = 4;
+
+// Variant ids: the `variant` attribute (unweight_jax/ops/gemv.py documents them as VARIANTS).
+enum Variant : int32_t {
+  kMma = 0,        // tensor cores, 16 rows per warp, 4 steps in flight
+  kMmaRows32 = 1,  // tensor cores, 32 rows per warp sharing x, 2 steps in flight
+  kFma = 2,        // fp32 FMA, batch <= 4, 16 rows per warp, 4 steps in flight
+  kMmaAcc4 = 3,    // as kMma, with four independent accumulators (a shorter mma chain)
+  kMmaU2Acc4 = 4,  // as kMmaAcc4, 2 steps in flight (fewer registers, more resident warps)
+};
+
+// ---- memory access
+
+// The weights are read once per call: they bypass L1 and go first when L2 evicts, which keeps
+// x (read by every block) in both.
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t policy;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+
+__device__ __forceinline__ uint4 load_weights16(const void* p, uint64_t policy) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p), "l"(policy));
+  return v;
+}
+
+__device__ __forceinline__ uint2 load_weights8(const void* p, uint64_t policy) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v2.u32 {%0, %1}, [%2], %3;"
+               : "=r"(v.x), "=r"(v.y)
+               : "l"(p), "l"(policy));
+  return v;
+}
+
+// Loads only where `pred` holds, leaving v as it was elsewhere: a predicated load, not a branch
+// (a branch between a chunk's loads and their use lets ptxas sink the loads past it).
+__device__ __forceinline__ void load_weights16_if(bool pred, const void* p, uint64_t policy, uint4& v) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %4, 0;\n"
+      " @p ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%5], %6;\n}\n"
+      : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+      : "r"(int(pred)), "l"(p), "l"(policy));
+}
+
+// ---- register fragments
+
+// Sixteen consecutive columns as eight bf16 pairs: w[2j] = columns (4j, 4j+2), w[2j+1] =
+// (4j+1, 4j+3) (gemv_fragment.cuh).
+struct Pairs {
+  uint32_t w[8];
+};
+
+__device__ __forceinline__ void set_pairs(Pairs& p, int i, gemv::PairWords q) {
+  p.w[2 * i] = q.even;
+  p.w[2 * i + 1] = q.odd;
+}
+
+// From 16 exponent bytes and 16 sign+mantissa bytes.
+__device__ __forceinline__ Pairs join16(uint4 e, uint4 sm) {
+  Pairs p;
+  set_pairs(p, 0, gemv::join_bf16_pairs(e.x, sm.x));
+  set_pairs(p, 1, gemv::join_bf16_pairs(e.y, sm.y));
+  set_pairs(p, 2, gemv::join_bf16_pairs(e.z, sm.z));
+  set_pairs(p, 3, gemv::join_bf16_pairs(e.w, sm.w));
+  return p;
+}
+
+// From 16 plain bf16 values (columns 0-7 in lo, 8-15 in hi).
+__device__ __forceinline__ Pairs pairs16(uint4 lo, uint4 hi) {
+  Pairs p;
+  set_pairs(p, 0, gemv::bf16_pairs(lo.x, lo.y));
+  set_pairs(p, 1, gemv::bf16_pairs(lo.z, lo.w));
+  set_pairs(p, 2, gemv::bf16_pairs(hi.x, hi.y));
+  set_pairs(p, 3, gemv::bf16_pairs(hi.z, hi.w));
+  return p;
+}
+
+__device__ __forceinline__ uint16_t to_bf16(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+__device__ __forceinline__ float low_bf16(uint32_t pair) { return __uint_as_float(pair << 16); }
+__device__ __forceinline__ float high_bf16(uint32_t pair) { return __uint_as_float(pair & 0xFFFF0000u); }
+
+// d += a * b for one 16x8x16 tile: a = rows (g, g + 8) x k-slots (2t, 2t+1, 2t+8, 2t+9), b = x.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// 16 values of x (bf16) as pairs; zero for batch rows past the batch.
+__device__ __forceinline__ Pairs load_x16(const uint16_t* p, bool valid) {
+  uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
+  if (valid) {
+    lo = __ldg(reinterpret_cast<const uint4*>(p));
+    hi = __ldg(reinterpret_cast<const uint4*>(p + 8));
+  }
+  return pairs16(lo, hi);
+}
+
+// ---- weight sources: what a lane loads for one row and step, and how it becomes bf16 pairs
+
+// The palette form: 4-bit indices and sign+mantissa bytes, escape groups' exponents verbatim.
+struct PaletteWeights {
+  const uint8_t* palette;
+  const uint8_t* idx;
+  const uint8_t* sm;
+  const uint32_t* esc_mask;
+  const uint32_t* esc_prefix;
+  const uint8_t* esc_exp;
+  int64_t cols;
+  int64_t mask_words;  // esc_mask / esc_prefix words per row
+
+  static constexpr bool kEscapes = true;
+  struct Lane {
+    uint4 sm;
+    uint2 idx;
+  };
+  struct Table {
+    uint4 palette;  // the 16 exponents, one per byte: looked up with PRMT
+  };
+
+  __device__ Table table() const { return {__ldg(reinterpret_cast<const uint4*>(palette))}; }
+
+  __device__ Lane load(int64_t row, int64_t col, uint64_t policy) const {
+    const int64_t at = row * cols + col;
+    return {load_weights16(sm + at, policy), load_weights8(idx + at / 2, policy)};
+  }
+
+  // One row's escape groups among the N steps of a chunk.
+  struct Escapes {
+    uint32_t steps;   // bit u: step step0 + u is an escape group
+    uint32_t mask;    // the row's escape mask word holding those steps
+    uint32_t prefix;  // and its prefix
+    uint4 first;      // this lane's 16 verbatim exponents of the first of them
+  };
+
+  // The row's escape mask word over `step`, and its prefix: loaded before the weights, so that
+  // the exponents of an escape group can be fetched right after them.
+  __device__ uint2 escape_words(int64_t row, int step) const {
+    const int64_t at = row * mask_words + step / kEscWordBits;
+    return make_uint2(__ldg(esc_mask + at), __ldg(esc_prefix + at));
+  }
+
+  __device__ const uint8_t* group_exponents(const Escapes& esc, int step, int t) const {
+    return esc_exp + int64_t(escape_slot(esc.mask, esc.prefix, step % kEscWordBits)) * kGroup + kLaneCols * t;
+  }
+
+  // Escape groups are rare (0.3 to 1.7 % of groups on real weights), two of a row in one chunk
+  // rarer still: the first one's exponents are fetched right after the chunk's weights.
+  template <int N>
+  __device__ Escapes escapes(uint2 words, int step0, int t, uint64_t policy) const {
+    Escapes esc{(words.x >> (step0 % kEscWordBits)) & ((1u << N) - 1u), words.x, words.y, make_uint4(0, 0, 0, 0)};
+    const int first = esc.steps ? __ffs(esc.steps) - 1 : 0;
+    load_weights16_if(esc.steps != 0, group_exponents(esc, step0 + first, t), policy, esc.first);
+    return esc;
+  }
+
+  __device__ Pairs rebuild(const Lane& lane, const Table& table, const Escapes& esc, int step0, int u, int t,
+                           uint64_t policy) const {
+    uint4 e = make_uint4(palette_lookup4(lane.idx.x, table.palette), palette_lookup4(lane.idx.x >> 16, table.palette),
+                         palette_lookup4(lane.idx.y, table.palette), palette_lookup4(lane.idx.y >> 16, table.palette));
+    const bool escaped = (esc.steps >> u) & 1u;
+    const bool first = escaped && (esc.steps & ((1u << u) - 1u)) == 0;
+    if (first) e = esc.first;
+    // A second escape group of the row in one chunk (~1e-4 of chunks): fetched here, stalling.
+    load_weights16_if(escaped && !first, group_exponents(esc, step0 + u, t), policy, e);
+    return join16(e, lane.sm);
+  }
+};
+
+// Exponent bytes beside sign+mantissa bytes (the `exponent` pipeline).
+struct ExponentWeights {
+  const uint8_t* exp;
+  const uint8_t* sm;
+  int64_t cols;
+
+  static constexpr bool kEscapes = false;
+  struct Lane {
+    uint4 exp;
+    uint4 sm;
+  };
+  struct Table {};
+
+  __device__ Table table() const { return {}; }
+
+  __device__ Lane load(int64_t row, int64_t col, uint64_t policy) const {
+    const int64_t at = row * cols + col;
+    return {load_weights16(exp + at, policy), load_weights16(sm + at, policy)};
+  }
+
+  struct Escapes {};
+
+  __device__ Pairs rebuild(const Lane& lane, const Table&, const Escapes&, int, int, int, uint64_t) const {
+    return join16(lane.exp, lane.sm);
+  }
+};
+
+// Plain bf16: the twin.
+struct Bf16Weights {
+  const uint16_t* w;
+  int64_t cols;
+
+  static constexpr bool kEscapes = false;
+  struct Lane {
+    uint4 lo;
+    uint4 hi;
+  };
+  struct Table {};
+
+  __device__ Table table() const { return {}; }
+
+  __device__ Lane load(int64_t row, int64_t col, uint64_t policy) const {
+    const uint16_t* p = w + row * cols + col;
+    return {load_weights16(p, policy), load_weights16(p + 8, policy)};
+  }
+
+  struct Escapes {};
+
+  __device__ Pairs rebuild(const Lane& lane, const Table&, const Escapes&, int, int, int, uint64_t) const {
+    return pairs16(lane.lo, lane.hi);
+  }
+};
+
+// ---- the warp's walk over its steps, shared by both kernels
+
+// One chunk of N steps of the lane's 2 x RT rows, as loaded: the weights and, for the palette
+// form, the escape groups among them.
+template <class Weights, int RT, int N>
+struct Chunk {
+  static constexpr int kSteps = N;
+  typename Weights::Lane lanes[RT][2][N];
+  typename Weights::Escapes escapes[RT][2];
+};
+
+// The escape mask words (and prefixes) over `step` of the lane's rows. Loaded one chunk ahead of
+// the weights they describe, so that a chunk's escape exponents are fetched together with its
+// weights instead of one memory latency after them.
+template <class Weights, int RT>
+struct EscapeWords {
+  uint2 words[RT][2];
+
+  __device__ void load(const Weights& weights, const int64_t (&row)[RT][2], int step) {
+    if constexpr (Weights::kEscapes) {
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) words[rt][h] = weights.escape_words(row[rt][h], step);
+      }
+    }
+  }
+};
+
+// Issues the loads of N steps (from step0) of the lane's rows. N divides 32 and step0 is a
+// multiple of N, so the N steps share one escape mask word, `esc`. The __syncwarp() keeps the
+// loads where they are written: ptxas would otherwise sink them into the computation before
+// them, leaving nothing in flight while it runs.
+template <class Weights, int RT, int N>
+__device__ __forceinline__ void load_chunk(const Weights& weights, const int64_t (&row)[RT][2], int step0, int t,
+                                           uint64_t policy, const EscapeWords<Weights, RT>& esc,
+                                           Chunk<Weights, RT, N>& chunk) {
+  static_assert(kEscWordBits % N == 0, "a chunk of steps must not straddle two escape mask words");
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int u = 0; u < N; ++u) {
+        chunk.lanes[rt][h][u] = weights.load(row[rt][h], int64_t(step0 + u) * kStepCols + kLaneCols * t, policy);
+      }
+    }
+  }
+  if constexpr (Weights::kEscapes) {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        chunk.escapes[rt][h] = weights.template escapes<N>(esc.words[rt][h], step0, t, policy);
+      }
+    }
+  }
+  __syncwarp();
+}
+
+// Runs compute(chunk, step0) over this warp's share of the row's steps: whole chunks of U steps
+// split evenly between the block's warps (the last warp also takes the leftover steps, one at a
+// time). Software-pipelined: chunk c + 1 is in flight while chunk c is rebuilt and multiplied,
+// and each chunk's escape mask words arrive one chunk before its weights, so the warp always has
+// a chunk of weights on the way and no load waits on another.
+template <class Weights, int RT, int U, typename Compute>
+__device__ __forceinline__ void walk_steps(const Weights& weights, const int64_t (&row)[RT][2], int steps, int warp,
+                                           int warps, int t, uint64_t policy, Compute&& compute) {
+  const int chunks = steps / U;
+  const int first = int(int64_t(chunks) * warp / warps), end = int(int64_t(chunks) * (warp + 1) / warps);
+  const int last_step = steps - 1;  // mask words are looked up at a clamped step past the end
+  EscapeWords<Weights, RT> esc;
+  Chunk<Weights, RT, U> ping, pong;
+  if (first < end) {
+    esc.load(weights, row, first * U);
+    load_chunk<Weights, RT, U>(weights, row, first * U, t, policy, esc, ping);
+    esc.load(weights, row, min((first + 1) * U, last_step));
+  }
+  for (int c = first; c < end; c += 2) {
+    if (c + 1 < end) {
+      load_chunk<Weights, RT, U>(weights, row, (c + 1) * U, t, policy, esc, pong);
+      esc.load(weights, row, min((c + 2) * U, last_step));
+    }
+    compute(ping, c * U);
+    if (c + 1 >= end) break;
+    if (c + 2 < end) {
+      load_chunk<Weights, RT, U>(weights, row, (c + 2) * U, t, policy, esc, ping);
+      esc.load(weights, row, min((c + 3) * U, last_step));
+    }
+    compute(pong, (c + 1) * U);
+  }
+  if (warp == warps - 1) {
+    for (int s = chunks * U; s < steps; ++s) {
+      Chunk<Weights, RT, 1> single;
+      esc.load(weights, row, s);
+      load_chunk<Weights, RT, 1>(weights, row, s, t, policy, esc, single);
+      compute(single, s);
+    }
+  }
+}
+
+// Adds the block's per-warp partial sums into warp 0's, in warp order (so the result does not
+// depend on timing). Returns false in every other warp, which then has nothing left to do.
+template <int kValues>
+__device__ __forceinline__ bool reduce_warps(float (&acc)[kValues], void* smem, int warp, int warps, int lane) {
+  if (warps == 1) return true;
+  float* partial = static_cast<float*>(smem);
+  if (warp > 0) {
+#pragma unroll
+    for (int i = 0; i < kValues; ++i) partial[((warp - 1) * kValues + i) * kLanes + lane] = acc[i];
+  }
+  __syncthreads();
+  if (warp > 0) return false;
+  for (int w = 1; w < warps; ++w) {
+#pragma unroll
+    for (int i = 0; i < kValues; ++i) acc[i] += partial[((w - 1) * kValues + i) * kLanes + lane];
+  }
+  return true;
+}
+
+// ---- the kernels
+
+// Tensor cores: NT tiles of 8 batch rows (1 up to batch 8, else 2), RT tiles of 16 rows per warp.
+// ACC accumulator sets take the four mma of a step in turn, so that ACC chains of dependent mma
+// run side by side; they are added in a fixed order at the end.
+template <class Weights, int NT, int RT, int U, int ACC>
+__global__ void __launch_bounds__(kMaxWarps* kLanes)
+    gemv_mma_kernel(Weights weights, const uint16_t* __restrict__ x, uint16_t* __restrict__ y, int batch, int rows,
+                    int cols) {
+  extern __shared__ uint4 smem[];
+  const int lane = threadIdx.x % kLanes, warp = threadIdx.x / kLanes, warps = blockDim.x / kLanes;
+  const int g = lane / 4, t = lane % 4;
+  const uint64_t policy = evict_first_policy();
+  const auto table = weights.table();
+
+  const int first_row = blockIdx.x * kTileRows * RT;
+  int64_t row[RT][2];  // clamped: the last tile's missing rows re-read a real one, never stored
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) row[rt][h] = min(first_row + kTileRows * rt + 8 * h + g, rows - 1);
+  }
+  const uint16_t* x_lane[NT];
+  bool x_valid[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int b = 8 * nt + g;
+    x_valid[nt] = b < batch;
+    x_lane[nt] = x + int64_t(x_valid[nt] ? b : 0) * cols + kLaneCols * t;
+  }
+
+  float acc[RT][NT][ACC][4] = {};
+  walk_steps<Weights, RT, U>(weights, row, cols / kStepCols, warp, warps, t, policy, [&](const auto& chunk, int step0) {
+    constexpr int N = std::decay_t<decltype(chunk)>::kSteps;
+#pragma unroll
+    for (int u = 0; u < N; ++u) {
+      Pairs xs[NT];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) xs[nt] = load_x16(x_lane[nt] + int64_t(step0 + u) * kStepCols, x_valid[nt]);
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt) {
+        const Pairs a = weights.rebuild(chunk.lanes[rt][0][u], table, chunk.escapes[rt][0], step0, u, t, policy);
+        const Pairs b = weights.rebuild(chunk.lanes[rt][1][u], table, chunk.escapes[rt][1], step0, u, t, policy);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            mma_bf16(acc[rt][nt][j % ACC], a.w[2 * j], b.w[2 * j], a.w[2 * j + 1], b.w[2 * j + 1],
+                     xs[nt].w[2 * j], xs[nt].w[2 * j + 1]);
+          }
+        }
+      }
+    }
+  });
+
+  float sum[RT][NT][4];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        sum[rt][nt][i] = acc[rt][nt][0][i];
+#pragma unroll
+        for (int a = 1; a < ACC; ++a) sum[rt][nt][i] += acc[rt][nt][a][i];
+      }
+    }
+  }
+  if (!reduce_warps<RT * NT * 4>(reinterpret_cast<float(&)[RT * NT * 4]>(sum), smem, warp, warps, lane)) return;
+  // acc[rt][nt]: (row g, batch 2t), (row g, 2t + 1), (row g + 8, 2t), (row g + 8, 2t + 1) of tile (rt, nt).
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = first_row + kTileRows * rt + 8 * (i / 2) + g, b = 8 * nt + 2 * t + i % 2;
+        if (r < rows && b < batch) y[int64_t(b) * rows + r] = to_bf16(sum[rt][nt][i]);
+      }
+    }
+  }
+}
+
+// fp32 FMA (batch B <= 4), 16 rows per warp: every lane reads its 16 columns of each x row.
+template <class Weights, int B, int U>
+__global__ void __launch_bounds__(kMaxWarps* kLanes)
+    gemv_fma_kernel(Weights weights, const uint16_t* __restrict__ x, uint16_t* __restrict__ y, int rows, int cols) {
+  extern __shared__ uint4 smem[];
+  const int lane = threadIdx.x % kLanes, warp = threadIdx.x / kLanes, warps = blockDim.x / kLanes;
+  const int g = lane / 4, t = lane % 4;
+  const uint64_t policy = evict_first_policy();
+  const auto table = weights.table();
+
+  const int first_row = blockIdx.x * kTileRows;
+  const int64_t row[1][2] = {{min(first_row + g, rows - 1), min(first_row + 8 + g, rows - 1)}};
+  const uint16_t* x_lane = x + kLaneCols * t;
+
+  float acc[2][B] = {};
+  walk_steps<Weights, 1, U>(weights, row, cols / kStepCols, warp, warps, t, policy, [&](const auto& chunk, int step0) {
+    constexpr int N = std::decay_t<decltype(chunk)>::kSteps;
+#pragma unroll
+    for (int u = 0; u < N; ++u) {
+      Pairs xs[B];
+#pragma unroll
+      for (int b = 0; b < B; ++b) xs[b] = load_x16(x_lane + int64_t(b) * cols + int64_t(step0 + u) * kStepCols, true);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const Pairs w = weights.rebuild(chunk.lanes[0][h][u], table, chunk.escapes[0][h], step0, u, t, policy);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          const float lo = low_bf16(w.w[k]), hi = high_bf16(w.w[k]);
+#pragma unroll
+          for (int b = 0; b < B; ++b) {
+            acc[h][b] = fmaf(lo, low_bf16(xs[b].w[k]), acc[h][b]);
+            acc[h][b] = fmaf(hi, high_bf16(xs[b].w[k]), acc[h][b]);
+          }
+        }
+      }
+    }
+  });
+
+  // The four lanes of a row hold a quarter of its columns each.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      acc[h][b] += __shfl_xor_sync(0xFFFFFFFFu, acc[h][b], 1);
+      acc[h][b] += __shfl_xor_sync(0xFFFFFFFFu, acc[h][b], 2);
+    }
+  }
+  if (!reduce_warps<2 * B>(reinterpret_cast<float(&)[2 * B]>(acc), smem, warp, warps, lane)) return;
+  if (t != 0) return;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = first_row + 8 * h + g;
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      if (r < rows) y[int64_t(b) * rows + r] = to_bf16(acc[h][b]);
+    }
+  }
+}
+
+// ---- launching
+
+struct Problem {
+  const uint16_t* x;
+  uint16_t* y;
+  int batch;
+  int rows;
+  int cols;
+};
+
+int sm_count() {
+  int device = 0, sms = 1;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return sms;
+}
+
+// Resident blocks per SM of `kernel` at this block size, asked of CUDA once per kernel and size.
+template <typename Kernel>
+int blocks_per_sm(Kernel kernel, int warps, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, int> known;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), warps);
+  auto it = known.find(key);
+  if (it == known.end()) {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, warps * kLanes, smem) != cudaSuccess) n = 0;
+    it = known.emplace(key, n).first;
+  }
+  return it->second;
+}
+
+// Shared memory of a block: the partial sums of all warps but the first.
+template <int kValues>
+constexpr size_t smem_bytes(int warps) {
+  return size_t(warps - 1) * kValues * kLanes * sizeof(float);
+}
+
+// Warps per block: the most (up to 8, and no more than there are chunks of U steps in a row)
+// for which the whole grid is resident at once, so that every warp streams from the start and
+// none waits for a second wave. Sized with the palette kernel, so the twin and the fused kernels
+// split the columns alike and sum in the same order.
+template <typename PaletteKernel>
+int warps_per_block(PaletteKernel kernel, int64_t blocks, int chunks, size_t (*smem)(int)) {
+  const int sms = sm_count();
+  for (int warps = kMaxWarps; warps > 1; warps /= 2) {
+    if (warps > chunks) continue;
+    if (blocks <= int64_t(blocks_per_sm(kernel, warps, smem(warps))) * sms) return warps;
+  }
+  return 1;
+}
+
+template <class Weights, int NT, int RT, int U, int ACC>
+void launch_mma(const Weights& weights, const Problem& p, cudaStream_t stream) {
+  constexpr int kValues = RT * NT * 4;
+  const int64_t blocks = (int64_t(p.rows) + kTileRows * RT - 1) / (kTileRows * RT);
+  const int warps = warps_per_block(gemv_mma_kernel<PaletteWeights, NT, RT, U, ACC>, blocks,
+                                    p.cols / kStepCols / U, smem_bytes<kValues>);
+  gemv_mma_kernel<Weights, NT, RT, U, ACC><<<blocks, warps * kLanes, smem_bytes<kValues>(warps), stream>>>(
+      weights, p.x, p.y, p.batch, p.rows, p.cols);
+}
+
+template <class Weights, int B>
+void launch_fma(const Weights& weights, const Problem& p, cudaStream_t stream) {
+  constexpr int U = 4, kValues = 2 * B;
+  const int64_t blocks = (int64_t(p.rows) + kTileRows - 1) / kTileRows;
+  const int warps = warps_per_block(gemv_fma_kernel<PaletteWeights, B, U>, blocks, p.cols / kStepCols / U,
+                                    smem_bytes<kValues>);
+  gemv_fma_kernel<Weights, B, U>
+      <<<blocks, warps * kLanes, smem_bytes<kValues>(warps), stream>>>(weights, p.x, p.y, p.rows, p.cols);
+}
+
+template <class Weights>
+void launch(const Weights& weights, const Problem& p, int32_t variant, cudaStream_t stream) {
+  const bool wide = p.batch > 8;
+  switch (variant) {
+    case kMma:
+      return wide ? launch_mma<Weights, 2, 1, 4, 1>(weights, p, stream)
+                  : launch_mma<Weights, 1, 1, 4, 1>(weights, p, stream);
+    case kMmaRows32:
+      return wide ? launch_mma<Weights, 2, 2, 2, 1>(weights, p, stream)
+                  : launch_mma<Weights, 1, 2, 2, 1>(weights, p, stream);
+    case kMmaAcc4:
+      return wide ? launch_mma<Weights, 2, 1, 4, 4>(weights, p, stream)
+                  : launch_mma<Weights, 1, 1, 4, 4>(weights, p, stream);
+    case kMmaU2Acc4:
+      return wide ? launch_mma<Weights, 2, 1, 2, 4>(weights, p, stream)
+                  : launch_mma<Weights, 1, 1, 2, 4>(weights, p, stream);
+    case kFma:
+      switch (p.batch) {
+        case 1: return launch_fma<Weights, 1>(weights, p, stream);
+        case 2: return launch_fma<Weights, 2>(weights, p, stream);
+        case 3: return launch_fma<Weights, 3>(weights, p, stream);
+        default: return launch_fma<Weights, 4>(weights, p, stream);
+      }
+  }
+}
+
+// ---- argument checks shared by the three handlers
+
+std::string dims_text(ffi::Span<const int64_t> dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+bool dims_are(ffi::Span<const int64_t> dims, std::initializer_list<int64_t> want) {
+  if (dims.size() != want.size()) return false;
+  size_t i = 0;
+  for (int64_t d : want) {
+    if (dims[i++] != d) return false;
+  }
+  return true;
+}
+
+// Checks x, the output and the variant against a weight of `rows` x `cols`, and fills `p`.
+ffi::Error check_problem(const char* op, ffi::Buffer<ffi::BF16> x, ffi::Span<const int64_t> w_dims,
+                         ffi::Result<ffi::Buffer<ffi::BF16>>& y, int32_t variant, Problem& p) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2) return invalid_argument(op, "x must be [batch, C], got " + dims_text(xd));
+  if (w_dims.size() != 2) return invalid_argument(op, "the weight must be [R, C], got " + dims_text(w_dims));
+  const int64_t batch = xd[0], cols = xd[1], rows = w_dims[0];
+  if (w_dims[1] != cols) {
+    return invalid_argument(op, "x " + dims_text(xd) + " and the weight " + dims_text(w_dims) + " differ in C");
+  }
+  if (batch < 1 || batch > kMaxBatch) {
+    return invalid_argument(op, "batch " + std::to_string(batch) + " is outside the GEMV kernels' 1 to 16");
+  }
+  if (cols < kStepCols || cols % kStepCols != 0) {
+    return invalid_argument(op, "C = " + std::to_string(cols) + " is not a positive multiple of 64");
+  }
+  if (rows > INT32_MAX || cols > INT32_MAX) {
+    return invalid_argument(op, "the weight " + dims_text(w_dims) + " is too large");
+  }
+  if (variant < kMma || variant > kMmaU2Acc4) {
+    return invalid_argument(op, "unknown variant " + std::to_string(variant));
+  }
+  if (variant == kFma && batch > kMaxFmaBatch) {
+    return invalid_argument(op, "the fma variant takes batches up to 4, got " + std::to_string(batch));
+  }
+  if (!dims_are(y->dimensions(), {batch, rows})) {
+    return invalid_argument(op, "the output is " + dims_text(y->dimensions()) + ", expected [" +
+                                    std::to_string(batch) + ", " + std::to_string(rows) + "]");
+  }
+  if (!is_aligned16(x.untyped_data())) return invalid_argument(op, "x must be 16-byte aligned");
+  p = Problem{x.typed_data(), y->typed_data(), int(batch), int(rows), int(cols)};
+  return ffi::Error::Success();
+}
+
+constexpr char kPaletteOp[] = "unweight_gemv_palette";
+constexpr char kExponentOp[] = "unweight_gemv_exponent";
+constexpr char kBf16Op[] = "unweight_gemv_bf16";
+
+ffi::Error GemvPalette(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U8> palette,
+                       ffi::Buffer<ffi::U8> idx, ffi::Buffer<ffi::U8> sm, ffi::Buffer<ffi::U32> esc_mask,
+                       ffi::Buffer<ffi::U32> esc_prefix, ffi::Buffer<ffi::U8> esc_exp,
+                       ffi::Result<ffi::Buffer<ffi::BF16>> y, int32_t variant) {
+  const char* op = kPaletteOp;
+  Problem p;
+  if (auto err = check_problem(op, x, sm.dimensions(), y, variant, p); err.failure()) return err;
+  const int64_t rows = p.rows, cols = p.cols, words = escape_words_per_row(cols);
+  if (palette.element_count() != kPaletteSize) {
+    return invalid_argument(op, "palette has " + std::to_string(palette.element_count()) + " entries, expected 16");
+  }
+  if (!dims_are(idx.dimensions(), {rows, cols / 2})) {
+    return invalid_argument(op, "idx is " + dims_text(idx.dimensions()) + ", expected [" + std::to_string(rows) + ", " +
+                                    std::to_string(cols / 2) + "]");
+  }
+  for (const auto* part : {&esc_mask, &esc_prefix}) {
+    if (!dims_are(part->dimensions(), {rows, words})) {
+      return invalid_argument(op, std::string(part == &esc_mask ? "esc_mask" : "esc_prefix") + " is " +
+                                      dims_text(part->dimensions()) + ", expected [" + std::to_string(rows) + ", " +
+                                      std::to_string(words) + "]");
+    }
+  }
+  const auto ed = esc_exp.dimensions();
+  if (ed.size() != 2 || ed[1] != kGroup) {
+    return invalid_argument(op, "esc_exp must be [n_esc, 64], got " + dims_text(ed));
+  }
+  if (!is_aligned16(palette.untyped_data()) || !is_aligned16(idx.untyped_data()) || !is_aligned16(sm.untyped_data()) ||
+      (ed[0] > 0 && !is_aligned16(esc_exp.untyped_data()))) {
+    return invalid_argument(op, "palette, idx, sm and esc_exp must be 16-byte aligned");
+  }
+  if (rows == 0) return ffi::Error::Success();
+  const PaletteWeights weights{palette.typed_data(),    idx.typed_data(),     sm.typed_data(), esc_mask.typed_data(),
+                               esc_prefix.typed_data(), esc_exp.typed_data(), cols,            words};
+  launch(weights, p, variant, stream);
+  return launch_status(op);
+}
+
+ffi::Error GemvExponent(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U8> exp,
+                        ffi::Buffer<ffi::U8> sm, ffi::Result<ffi::Buffer<ffi::BF16>> y, int32_t variant) {
+  const char* op = kExponentOp;
+  Problem p;
+  if (auto err = check_problem(op, x, sm.dimensions(), y, variant, p); err.failure()) return err;
+  if (!dims_are(exp.dimensions(), {p.rows, p.cols})) {
+    return invalid_argument(op, "exp is " + dims_text(exp.dimensions()) + ", sm " + dims_text(sm.dimensions()));
+  }
+  if (!is_aligned16(exp.untyped_data()) || !is_aligned16(sm.untyped_data())) {
+    return invalid_argument(op, "exp and sm must be 16-byte aligned");
+  }
+  if (p.rows == 0) return ffi::Error::Success();
+  launch(ExponentWeights{exp.typed_data(), sm.typed_data(), p.cols}, p, variant, stream);
+  return launch_status(op);
+}
+
+ffi::Error GemvBf16(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                    ffi::Result<ffi::Buffer<ffi::BF16>> y, int32_t variant) {
+  const char* op = kBf16Op;
+  Problem p;
+  if (auto err = check_problem(op, x, w.dimensions(), y, variant, p); err.failure()) return err;
+  if (!is_aligned16(w.untyped_data())) return invalid_argument(op, "w must be 16-byte aligned");
+  if (p.rows == 0) return ffi::Error::Success();
+  launch(Bf16Weights{w.typed_data(), p.cols}, p, variant, stream);
+  return launch_status(op);
+}
+
+}  // namespace
+}  // namespace unweight::cuda
+
+namespace ffi = xla::ffi;
+
+// Each handler only launches one kernel on XLA's stream (no host sync, no allocation): graph-safe.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UwGemvPaletteCuda, unweight::cuda::GemvPalette,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x [B, C]
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // palette: the 16 exponents
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // idx [R, C / 2]: 4-bit indices
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // sm [R, C]: sign+mantissa bytes
+                                  .Arg<ffi::Buffer<ffi::U32>>()   // esc_mask [R, ceil(G / 32)]
+                                  .Arg<ffi::Buffer<ffi::U32>>()   // esc_prefix [R, ceil(G / 32)]
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // esc_exp [n_esc, 64]
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // y [B, R]
+                                  .Attr<int32_t>("variant"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UwGemvExponentCuda, unweight::cuda::GemvExponent,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x [B, C]
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // exp [R, C]: exponent bytes
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // sm [R, C]: sign+mantissa bytes
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // y [B, R]
+                                  .Attr<int32_t>("variant"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UwGemvBf16Cuda, unweight::cuda::GemvBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x [B, C]
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // w [R, C]
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // y [B, R]
+                                  .Attr<int32_t>("variant"),
+                              {ffi::Traits::kCmdBufferCompatible});

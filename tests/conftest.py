@@ -1,0 +1,33 @@
+"""Shared test configuration: GPU tests skip cleanly where there is no CUDA GPU or CUDA build."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def cuda_available() -> bool:
+    """True when a CUDA GPU is visible to jax and the CUDA kernels were built."""
+    try:
+        import unweight_jax._cuda  # noqa: F401
+    except ImportError:
+        return False
+    try:
+        return len(jax.devices("gpu")) > 0
+    except RuntimeError:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and the CUDA build of unweight_jax")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

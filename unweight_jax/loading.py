@@ -1,0 +1,119 @@
+"""Load a Llama from whatever the user has: an unweight bundle, a Hugging Face directory or a
+llama2.c `.bin`. A bundle loads tensor by tensor, each compressed projection straight into a
+`CompressedLinear` of the chosen resident form, so the bf16 model never exists in memory at once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from . import codec
+from .bundle import BUNDLE_SUFFIX, INDEX_SUFFIX, BundleError, BundleReader
+from .format import FORMS, HuffmanParts
+from .layers import CompressedLinear, replace_module
+from .models.config import LlamaConfig
+from .models.llama import Linear, Llama
+from .models.loading import load_hf, load_llama2c, model_template, populate
+from .pipelines import Plan
+from .weights import from_huffman
+
+
+def is_bundle(path: str | os.PathLike[str]) -> bool:
+    name = Path(path).name
+    return name.endswith(BUNDLE_SUFFIX) or name.endswith(INDEX_SUFFIX)
+
+
+def default_form() -> str:
+    """Palette on a GPU (the fused kernels' input); Huffman elsewhere, where the `full` pipeline
+    decodes on the CPU and the smallest resident form wins."""
+    return "palette" if jax.default_backend() == "gpu" else "huffman"
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    form: str | None = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.bfloat16,
+    plan: Plan | None = None,
+) -> Llama:
+    """A Llama from a bundle (compressed layers in resident `form`), an HF directory or a
+    llama2.c file (plain layers in `param_dtype`; casting fp32 weights to bf16 is lossy)."""
+    path = Path(path)
+    if is_bundle(path):
+        return load_bundle_model(path, form=form, dtype=dtype, plan=plan)
+    if path.is_dir():
+        return load_hf(path, param_dtype=param_dtype, dtype=dtype)
+    if path.is_file():
+        return load_llama2c(path, param_dtype=param_dtype, dtype=dtype)
+    raise FileNotFoundError(2, "no such model, bundle or checkpoint", str(path))
+
+
+def load_bundle_model(
+    path: str | os.PathLike[str],
+    *,
+    form: str | None = None,
+    dtype: Any = jnp.float32,
+    plan: Plan | None = None,
+) -> Llama:
+    """A Llama whose compressed projections are `CompressedLinear` layers in resident `form`.
+
+    Tensors the bundle stores raw fill the model as they are; a compressed tensor that is not a
+    projection (an embedding compressed with `--embeddings`) is decoded to bf16 on the host.
+    """
+    form = form or default_form()
+    if form not in FORMS:
+        raise ValueError(f"unknown resident form {form!r}; expected one of {FORMS}")
+    reader = BundleReader(path)
+    if reader.config is None:
+        raise BundleError(f"{path}: the bundle holds no model config (unweight.config); it cannot rebuild a model")
+    config = LlamaConfig.from_hf(reader.config)
+    model = model_template(config, param_dtype=jnp.bfloat16, dtype=dtype)
+
+    # First the compressed projections: each replaces its Linear, so `populate` then expects only
+    # the plain parameters that remain.
+    plain = []
+    for name in reader.names:
+        module_path = _module_path(name)
+        if reader.info(name).encoding == "huffman" and isinstance(_find(model, module_path), Linear):
+            parts = reader.read(name)
+            _check_shape(model, module_path, name, parts)
+            replace_module(model, module_path, CompressedLinear(from_huffman(parts, form), dtype=dtype, plan=plan))
+        else:
+            plain.append(name)
+    populate(model, ((name, _plain(reader.read(name))) for name in plain))
+    return model
+
+
+def _module_path(name: str) -> str:
+    """HF tensor name -> NNX module path: 'model.layers.0.mlp.up_proj.weight' -> 'layers/0/mlp/up_proj'."""
+    return name.removeprefix("model.").removesuffix(".weight").replace(".", "/")
+
+
+def _find(model: Llama, module_path: str) -> Any:
+    node: Any = model
+    for key in module_path.split("/"):
+        if key.isdigit():
+            if not 0 <= int(key) < len(node):
+                return None
+            node = node[int(key)]
+        else:
+            node = getattr(node, key, None)
+        if node is None:
+            return None
+    return node
+
+
+def _check_shape(model: Llama, module_path: str, name: str, parts: HuffmanParts) -> None:
+    expected = tuple(_find(model, module_path).weight.shape)
+    if tuple(parts.shape) != expected:
+        raise BundleError(f"{name}: bundle shape {tuple(parts.shape)} does not match the model's {expected}")
+
+
+def _plain(value: Any) -> Any:
+    return codec.decompress(value) if isinstance(value, HuffmanParts) else value
