@@ -32,9 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..format import GROUP, PALETTE_SIZE
-from ..weights import ESC_WORD_BITS, PaletteWeight
-from . import registry
+from ..weights import PaletteWeight
+from . import operands, registry
 
 __all__ = ["VARIANTS", "Variant", "gemm_bf16", "gemm_exponent", "gemm_palette", "splits_for", "supports"]
 
@@ -57,20 +56,19 @@ VARIANTS: dict[str, Variant] = {
     "n128_s6": Variant(1, 128, 6, "128 x 128 tiles, 6 stages: batches up to ~128"),
     "n256_s3": Variant(2, 256, 3, "128 x 256 tiles, 3 stages"),
 }
-_BY_ID = {v.id: name for name, v in VARIANTS.items()}
 _TARGETS = ("unweight_gemm_palette", "unweight_gemm_exponent", "unweight_gemm_bf16")
 
 
 def supports(rows: int, cols: int, batch: int, variant: int | str = 0) -> bool:
     """Whether the GEMM kernel `variant` takes y[batch, rows] = x[batch, cols] @ W[rows, cols].T
     here: a Hopper GPU, the CUDA build, rows a multiple of 128 and cols a multiple of 64."""
-    return _variant_name(variant) is not None and _shape_ok(rows, cols, batch) and _hopper_available()
+    return operands.variant_name(VARIANTS, variant) is not None and _shape_ok(rows, cols, batch) and _hopper_available()
 
 
 def splits_for(rows: int, cols: int, batch: int, variant: int | str = 0) -> int:
     """K ranges per output tile: 1 when the output tiles alone fill the GPU, else enough splits
     (of at least MIN_KBLOCKS_PER_SPLIT k-blocks each) to reach about TARGET_TILES tiles."""
-    name = _variant_name(variant)
+    name = operands.variant_name(VARIANTS, variant)
     if name is None:
         raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
     tiles = (rows // TILE_M) * -(-batch // VARIANTS[name].tile_n)
@@ -84,38 +82,28 @@ def splits_for(rows: int, cols: int, batch: int, variant: int | str = 0) -> int:
 
 def gemm_palette(x: jax.Array, w: PaletteWeight, *, variant: int | str = 0) -> jax.Array:
     """x @ W.T for a palette-resident W (FORMAT.md section 3 with its escape index)."""
-    rows, cols = _matrix(w.shape, "w")
-    vid = _check("gemm_palette", x, rows, cols, variant)
-    _check_array("w.palette", w.palette, np.uint8, (PALETTE_SIZE,))
-    _check_array("w.idx", w.idx, np.uint8, (rows, cols // 2))
-    words = -(-cols // GROUP // ESC_WORD_BITS)
-    _check_array("w.esc_mask", w.esc_mask, np.uint32, (rows, words))
-    _check_array("w.esc_prefix", w.esc_prefix, np.uint32, (rows, words))
-    _check_array("w.esc_exp", w.esc_exp, np.uint8, (None, GROUP))
-    sm = w.sm.reshape(rows, cols)
-    _check_array("w.sm", sm, np.uint8, (rows, cols))
-    return _run("unweight_gemm_palette", x, rows, cols, vid, w.palette, w.idx, sm, w.esc_mask, w.esc_prefix, w.esc_exp)
+    return _run("unweight_gemm_palette", x, *operands.palette_operands(w), variant)
 
 
 def gemm_exponent(x: jax.Array, exp: jax.Array, sm: jax.Array, *, variant: int | str = 0) -> jax.Array:
     """x @ W.T for W given as exponent bytes and sign+mantissa bytes, both u8 [R, C]."""
-    rows, cols = _matrix(tuple(sm.shape), "sm")
-    vid = _check("gemm_exponent", x, rows, cols, variant)
-    _check_array("exp", exp, np.uint8, (rows, cols))
-    _check_array("sm", sm, np.uint8, (rows, cols))
-    return _run("unweight_gemm_exponent", x, rows, cols, vid, exp, sm)
+    return _run("unweight_gemm_exponent", x, *operands.exponent_operands(exp, sm), variant)
 
 
 def gemm_bf16(x: jax.Array, w: jax.Array, *, variant: int | str = 0) -> jax.Array:
     """x @ w.T for a plain bf16 w [R, C]: the twin of the fused kernels."""
-    rows, cols = _matrix(tuple(w.shape), "w")
-    vid = _check("gemm_bf16", x, rows, cols, variant)
-    _check_array("w", w, jnp.bfloat16, (rows, cols))
-    return _run("unweight_gemm_bf16", x, rows, cols, vid, w)
+    return _run("unweight_gemm_bf16", x, *operands.bf16_operands(w), variant)
 
 
-def _run(target: str, x: jax.Array, rows: int, cols: int, vid: int, *weight: jax.Array) -> jax.Array:
+def _run(target: str, x: jax.Array, rows: int, cols: int, weight: tuple[jax.Array, ...], variant: int | str) -> jax.Array:
+    name = operands.check_x(target, x, rows, cols, VARIANTS, variant)
     batch = int(x.shape[0])
+    if not _shape_ok(rows, cols, batch):
+        raise ValueError(
+            f"{target}: the kernel does not take a weight [{rows}, {cols}] at batch {batch} "
+            f"(rows a positive multiple of {TILE_M}, columns a positive multiple of {TILE_K}, batch >= 1)"
+        )
+    vid = VARIANTS[name].id
     splits = splits_for(rows, cols, batch, vid)
     partials = (splits, batch, rows) if splits > 1 else (0,)
     call = jax.ffi.ffi_call(
@@ -143,36 +131,3 @@ def _hopper_available() -> bool:
     return bool(gpus) and all(getattr(d, "compute_capability", None) == "9.0" for d in gpus)
 
 
-def _variant_name(variant: int | str) -> str | None:
-    if isinstance(variant, (int, np.integer)):
-        return _BY_ID.get(int(variant))
-    return variant if variant in VARIANTS else None
-
-
-def _matrix(shape: tuple[int, ...], name: str) -> tuple[int, int]:
-    if len(shape) != 2:
-        raise ValueError(f"{name} must be a matrix [R, C], got shape {shape}")
-    return int(shape[0]), int(shape[1])
-
-
-def _check(op: str, x: jax.Array, rows: int, cols: int, variant: int | str) -> int:
-    """Validates x and the variant against W [rows, cols]; returns the variant id."""
-    name = _variant_name(variant)
-    if name is None:
-        raise ValueError(f"{op}: unknown variant {variant!r}; known: {', '.join(VARIANTS)} (ids 0-{len(VARIANTS) - 1})")
-    if x.ndim != 2 or x.dtype != jnp.bfloat16:
-        raise ValueError(f"{op}: x must be bf16 [batch, C], got {x.dtype} {tuple(x.shape)}")
-    if x.shape[1] != cols:
-        raise ValueError(f"{op}: x has {x.shape[1]} columns, the weight [{rows}, {cols}] expects {cols}")
-    if not _shape_ok(rows, cols, int(x.shape[0])):
-        raise ValueError(
-            f"{op}: the kernel does not take a weight [{rows}, {cols}] at batch {x.shape[0]} "
-            f"(rows a positive multiple of {TILE_M}, columns a positive multiple of {TILE_K}, batch >= 1)"
-        )
-    return VARIANTS[name].id
-
-
-def _check_array(name: str, a: jax.Array, dtype, shape: tuple[int | None, ...]) -> None:
-    if a.dtype != dtype or a.ndim != len(shape) or any(s is not None and d != s for d, s in zip(a.shape, shape)):
-        want = "[" + ", ".join("n" if s is None else str(s) for s in shape) + "]"
-        raise ValueError(f"{name} must be {np.dtype(dtype).name} {want}, got {a.dtype} {tuple(a.shape)}")

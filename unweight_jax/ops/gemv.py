@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..format import GROUP, PALETTE_SIZE
-from ..weights import ESC_WORD_BITS, PaletteWeight
-from . import registry  # noqa: F401  (registers the targets)
+from ..format import GROUP
+from ..weights import PaletteWeight
+from . import operands, registry  # noqa: F401  (registry: registers the targets)
 
 __all__ = ["MAX_BATCH", "VARIANTS", "Variant", "gemv_bf16", "gemv_exponent", "gemv_palette", "supports"]
 
@@ -50,12 +50,11 @@ VARIANTS: dict[str, Variant] = {
     "mma_acc4": Variant(3, "as mma, four independent accumulators (shorter mma chains)"),
     "mma_u2_acc4": Variant(4, "as mma_acc4, 2 groups in flight (fewer registers)"),
 }
-_BY_ID = {v.id: name for name, v in VARIANTS.items()}
 
 
 def supports(rows: int, cols: int, batch: int, variant: int | str = 0) -> bool:
     """Whether the GEMV kernel `variant` takes y[batch, rows] = x[batch, cols] @ W[rows, cols].T."""
-    name = _variant_name(variant)
+    name = operands.variant_name(VARIANTS, variant)
     if name is None:
         return False
     max_batch = FMA_MAX_BATCH if name == "fma" else MAX_BATCH
@@ -64,73 +63,27 @@ def supports(rows: int, cols: int, batch: int, variant: int | str = 0) -> bool:
 
 def gemv_palette(x: jax.Array, w: PaletteWeight, *, variant: int | str = 0) -> jax.Array:
     """x @ W.T for a palette-resident W (FORMAT.md section 3 with its escape index)."""
-    rows, cols = _matrix(w.shape, "w")
-    vid = _check("gemv_palette", x, rows, cols, variant)
-    _check_array("w.palette", w.palette, np.uint8, (PALETTE_SIZE,))
-    _check_array("w.idx", w.idx, np.uint8, (rows, cols // 2))
-    words = -(-cols // GROUP // ESC_WORD_BITS)
-    _check_array("w.esc_mask", w.esc_mask, np.uint32, (rows, words))
-    _check_array("w.esc_prefix", w.esc_prefix, np.uint32, (rows, words))
-    _check_array("w.esc_exp", w.esc_exp, np.uint8, (None, GROUP))
-    sm = w.sm.reshape(rows, cols)
-    _check_array("w.sm", sm, np.uint8, (rows, cols))
-    call = _call("unweight_gemv_palette", x.shape[0], rows)
-    return call(x, w.palette, w.idx, sm, w.esc_mask, w.esc_prefix, w.esc_exp, variant=np.int32(vid))
+    return _gemv("unweight_gemv_palette", x, *operands.palette_operands(w), variant)
 
 
 def gemv_exponent(x: jax.Array, exp: jax.Array, sm: jax.Array, *, variant: int | str = 0) -> jax.Array:
     """x @ W.T for W given as exponent bytes and sign+mantissa bytes, both u8 [R, C]."""
-    rows, cols = _matrix(tuple(sm.shape), "sm")
-    vid = _check("gemv_exponent", x, rows, cols, variant)
-    _check_array("exp", exp, np.uint8, (rows, cols))
-    _check_array("sm", sm, np.uint8, (rows, cols))
-    return _call("unweight_gemv_exponent", x.shape[0], rows)(x, exp, sm, variant=np.int32(vid))
+    return _gemv("unweight_gemv_exponent", x, *operands.exponent_operands(exp, sm), variant)
 
 
 def gemv_bf16(x: jax.Array, w: jax.Array, *, variant: int | str = 0) -> jax.Array:
     """x @ w.T for a plain bf16 w [R, C]: the twin of the fused kernels."""
-    rows, cols = _matrix(tuple(w.shape), "w")
-    vid = _check("gemv_bf16", x, rows, cols, variant)
-    _check_array("w", w, jnp.bfloat16, (rows, cols))
-    return _call("unweight_gemv_bf16", x.shape[0], rows)(x, w, variant=np.int32(vid))
+    return _gemv("unweight_gemv_bf16", x, *operands.bf16_operands(w), variant)
 
 
-def _variant_name(variant: int | str) -> str | None:
-    if isinstance(variant, (int, np.integer)):
-        return _BY_ID.get(int(variant))
-    return variant if variant in VARIANTS else None
-
-
-def _call(target: str, batch: int, rows: int):
-    # vmap over a batch of weights runs one GEMV per element.
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((batch, rows), jnp.bfloat16), vmap_method="sequential")
-
-
-def _matrix(shape: tuple[int, ...], name: str) -> tuple[int, int]:
-    if len(shape) != 2:
-        raise ValueError(f"{name} must be a matrix [R, C], got shape {shape}")
-    return int(shape[0]), int(shape[1])
-
-
-def _check(op: str, x: jax.Array, rows: int, cols: int, variant: int | str) -> int:
-    """Validates x and the variant against W [rows, cols]; returns the variant id."""
-    name = _variant_name(variant)
-    if name is None:
-        raise ValueError(f"{op}: unknown variant {variant!r}; known: {', '.join(VARIANTS)} (ids 0-{len(VARIANTS) - 1})")
-    if x.ndim != 2 or x.dtype != jnp.bfloat16:
-        raise ValueError(f"{op}: x must be bf16 [batch, C], got {x.dtype} {tuple(x.shape)}")
+def _gemv(target: str, x: jax.Array, rows: int, cols: int, weight: tuple[jax.Array, ...], variant: int | str) -> jax.Array:
+    name = operands.check_x(target, x, rows, cols, VARIANTS, variant)
     batch = int(x.shape[0])
-    if x.shape[1] != cols:
-        raise ValueError(f"{op}: x has {x.shape[1]} columns, the weight [{rows}, {cols}] expects {cols}")
     if not supports(rows, cols, batch, name):
         raise ValueError(
-            f"{op}: variant {name!r} does not take batch {batch} with a weight [{rows}, {cols}] "
+            f"{target}: variant {name!r} does not take batch {batch} with a weight [{rows}, {cols}] "
             f"(batch 1-{FMA_MAX_BATCH if name == 'fma' else MAX_BATCH}, C a positive multiple of {GROUP})"
         )
-    return VARIANTS[name].id
-
-
-def _check_array(name: str, a: jax.Array, dtype, shape: tuple[int | None, ...]) -> None:
-    if a.dtype != dtype or a.ndim != len(shape) or any(s is not None and d != s for d, s in zip(a.shape, shape)):
-        want = "[" + ", ".join("n" if s is None else str(s) for s in shape) + "]"
-        raise ValueError(f"{name} must be {np.dtype(dtype).name} {want}, got {a.dtype} {tuple(a.shape)}")
+    # vmap over a batch of weights runs one GEMV per element.
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((batch, rows), jnp.bfloat16), vmap_method="sequential")
+    return call(x, *weight, variant=np.int32(VARIANTS[name].id))
