@@ -20,21 +20,19 @@ Writes benchmarks/results/codec_speed-cpu.json and codec_speed-cpu.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import jax
 import ml_dtypes
 import numpy as np
 
 from unweight_jax import codec
+from run_info import run_info
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -89,12 +87,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    return head + ("-dirty" if dirty else "")
-
-
 def markdown(report: dict) -> str:
     lines = [
         f"# codec speed, {report['device']}",
@@ -140,12 +132,7 @@ def main() -> None:
             print(rows[-1], flush=True)
 
     report = {
-        "benchmark": "codec_speed",
-        "device": f"{cpu_model()} ({cores} cores)",
-        "driver": None,
-        "jax_version": jax.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit(),
+        **run_info("codec_speed", device=f"{cpu_model()} ({cores} cores)"),
         "reps": args.reps,
         "load_average": load,
         "rows": rows,

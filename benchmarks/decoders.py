@@ -17,10 +17,8 @@ invocation of the call touched, more than the 50 MB L2 apart: the L2 holds none 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +31,7 @@ import numpy as np
 from unweight_jax import codec
 from unweight_jax.ops import decode as ops
 from unweight_jax.weights import palette_lookup
+from run_info import run_info
 
 SHAPES = [(4096, 14336), (14336, 4096)]
 K_LO, K_HI = 2, 10
@@ -163,14 +162,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _driver() -> str | None:
-    try:
-        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
-        return subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip().splitlines()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory for the JSON and table")
@@ -178,18 +169,9 @@ def main() -> None:
     parser.add_argument("--device-tag", default="h100", help="file name suffix: decoders-<tag>.json")
     args = parser.parse_args()
 
-    commit = args.commit
-    if commit is None:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-        commit = result.stdout.strip() or None
     rows = [row for shape in SHAPES for row in kernel_rows(shape)]
     report = {
-        "benchmark": "decoders",
-        "device": jax.devices()[0].device_kind,
-        "driver": _driver(),
-        "jax_version": jax.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
+        **run_info("decoders", commit=args.commit),
         "timing": f"slope of median wall time (of {REPS}) between jit calls running the op on {K_LO} and {K_HI} "
         "distinct device copies of its inputs; no input is in L2 when read",
         "rows": rows,

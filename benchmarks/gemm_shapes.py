@@ -19,10 +19,8 @@ so a run cut short keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,6 +34,7 @@ from unweight_jax import codec
 from unweight_jax.format import split_bf16
 from unweight_jax.ops import gemm
 from unweight_jax.weights import PaletteWeight
+from run_info import run_info
 
 SHAPES = {"gate_up": (14336, 4096), "down": (4096, 14336)}
 BATCHES = (64, 128, 256, 512, 1024, 2048)
@@ -102,26 +101,6 @@ def nbytes(w) -> int:
     return sum(int(a.nbytes) for a in jax.tree.leaves(w))
 
 
-def environment(commit: str | None) -> dict[str, str]:
-    def run(*cmd: str) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return "unknown"
-
-    if commit is None:
-        commit = run("git", "rev-parse", "--short", "HEAD")
-        if run("git", "status", "--porcelain", "--untracked-files=no") not in ("", "unknown"):
-            commit += "+uncommitted"
-    return {
-        "device": jax.devices()[0].device_kind,
-        "driver": run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader").splitlines()[0],
-        "jax_version": jax.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-    }
-
-
 def write(out: Path, report: dict) -> None:
     stem = out / f"gemm_shapes-{report['device_tag']}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
@@ -163,9 +142,8 @@ def main() -> None:
     if not gemm.supports(rows_, cols_, args.batches[0]):
         raise SystemExit("gemm_shapes: the tensor-core GEMM needs a Hopper GPU and the CUDA build of unweight_jax")
     args.out.mkdir(parents=True, exist_ok=True)
-    env = environment(args.commit)
+    env = run_info("gemm_shapes", commit=args.commit)
     report = {
-        "benchmark": "gemm_shapes",
         **env,
         "device_tag": next((tag for tag in ("h100", "h200") if tag in env["device"].lower()), "gpu"),
         "copy_gbps": copy_bandwidth(args.reps),

@@ -27,12 +27,10 @@ measured in the same process (a uint32 xor over 4 GiB, counting bytes read and w
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import re
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +43,7 @@ from jax import lax
 from unweight_jax.format import GROUP
 from unweight_jax.ops import decode, gemv
 from unweight_jax.weights import PaletteWeight, escape_index
+from run_info import run_info
 
 try:  # the tensor-core family, where it is built
     from unweight_jax.ops import gemm
@@ -355,14 +354,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _driver() -> str | None:
-    try:
-        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
-        return subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip().splitlines()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory for the results")
@@ -376,22 +367,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    commit = args.commit
-    if commit is None:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-        commit = result.stdout.strip() or None
     batches = [int(b) for b in args.batches.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"mlp_stack-{args.device_tag}"
 
     def write(rows: list[dict], info: dict) -> None:
         report = {
-            "benchmark": "mlp_stack",
-            "device": jax.devices()[0].device_kind,
-            "driver": _driver(),
-            "jax_version": jax.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": commit,
+            **run_info("mlp_stack", commit=args.commit),
             "timing": f"median wall time of {REPS} jit calls of {STEPS} steps each (fori_loop), over {STEPS}",
             **info,
             "rows": rows,

@@ -13,14 +13,11 @@ Writes benchmarks/results/ratios-cpu.json and ratios-cpu.md.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import importlib.resources
 import json
-import subprocess
 import tempfile
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from unweight_jax import codec
@@ -28,6 +25,7 @@ from unweight_jax.bundle import BundleReader
 from unweight_jax.cli.inspect import BundleSummary, bundle_stats, summarize
 from unweight_jax.compress import compress_checkpoint
 from unweight_jax.policy import CompressionPolicy, Rule
+from run_info import run_info
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -119,13 +117,6 @@ def measure(model: Model, workdir: Path) -> dict[str, object]:
     }
 
 
-def commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-
-    return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
 BREAKDOWN = ("code", "last_word", "zero_words", "table", "chunks")
 COLUMNS = ("model", "tensors", "bf16_bytes", "huffman_bytes", "huffman_ratio", "bound_ratio", "gap_to_bound_pct",
            "palette_ratio", "escape_group_rate", "file_bytes")
@@ -169,12 +160,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         rows = [measure(model, Path(workdir)) for model in models()]
     result = {
-        "benchmark": "ratios",
-        "device": "cpu",
-        "driver": None,
-        "jax_version": jax.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit(),
+        **run_info("ratios", device="cpu"),
         "targets": TARGETS,
         "rows": rows,
     }
