@@ -39,8 +39,18 @@ def test_plans_are_checked():
         matmul(x, cw, plan=Plan("palette"))
     with pytest.raises(ValueError, match="fused kernels take bf16"):
         matmul(x, cw, plan=Plan("full", "gemv"))
+    with pytest.raises(ValueError, match="unknown kernel family"):
+        matmul(x, cw, plan=Plan("full", "cublas"))
     with pytest.raises(ValueError, match="features"):
         matmul(jnp.ones((2, 63)), cw)
+
+
+@pytest.mark.parametrize(
+    "form, pipeline", [("huffman", "full"), ("transcode", "transcode"), ("palette", "palette"), ("exponent", "exponent")]
+)
+def test_each_form_runs_its_own_pipeline_by_default(form, pipeline):
+    cw = from_huffman(codec.compress(weight(64, 64)), form)
+    assert default_plan(cw, 4, jnp.float32) == Plan(pipeline)
 
 
 def test_the_pipeline_can_be_forced_from_the_environment(monkeypatch):

@@ -57,6 +57,10 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
     return y.astype(x.dtype)
 
 
+# The pipeline each resident form runs unless told otherwise: the one it is resident for.
+_OWN_PIPELINE = {PaletteWeight: "palette", TranscodeWeight: "transcode", HuffmanWeight: "full", ExponentWeight: "exponent"}
+
+
 def pipelines_for(w: CompressedWeight) -> tuple[str, ...]:
     """The pipelines a resident form can feed."""
     if isinstance(w, PaletteWeight):
@@ -87,7 +91,7 @@ def default_plan(w: CompressedWeight, batch: int, x_dtype: jnp.dtype) -> Plan:
     $UNWEIGHT_PIPELINE, where the form allows it), fused where a kernel takes the case: the GEMV
     up to batch 16, the tensor-core kernel above."""
     allowed = pipelines_for(w)
-    pipeline = allowed[-1]
+    pipeline = _OWN_PIPELINE[type(w)]
     forced = os.environ.get(PIPELINE_ENV)
     if forced:
         if forced not in PIPELINES:
@@ -115,6 +119,8 @@ def matmul(x: jax.Array, w: CompressedWeight, *, plan: Plan | None = None) -> ja
     lead = x.shape[:-1]
     x2 = x.reshape(-1, cols)
     plan = plan or default_plan(w, x2.shape[0], x.dtype)
+    if plan.kernel not in KERNELS:
+        raise ValueError(f"unknown kernel family {plan.kernel!r}; expected one of {KERNELS}")
     if plan.pipeline not in pipelines_for(w):
         raise ValueError(f"pipeline {plan.pipeline!r} cannot run from {type(w).__name__}")
     if plan.kernel != "xla" and x2.dtype != jnp.bfloat16:
