@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from . import codec
+from .models.llama import Linear
 from .pipelines import Plan, matmul
 from .weights import CompressedWeight, from_huffman
 
@@ -67,8 +68,6 @@ def compress_linears(
     """Replace, in place, every `Linear` whose path fully matches one of the `module_path` regexes
     with a `CompressedLinear` holding its weight in the resident `form`. The weights must be bf16
     (compression is lossless only for bf16). Returns the paths replaced."""
-    from .models.llama import Linear
-
     patterns = [module_path] if isinstance(module_path, str) else list(module_path)
     compiled = [re.compile(p) for p in patterns]
     targets = [
