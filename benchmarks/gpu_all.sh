@@ -23,4 +23,5 @@ step gpu_tests python3 -m pytest -q -m gpu
 step demo python3 -m unweight_jax.cli demo
 step decoders python3 benchmarks/decoders.py --out "$out"
 step mlp_stack python3 benchmarks/mlp_stack.py --out "$out"
+step gemm_shapes python3 benchmarks/gemm_shapes.py --out "$out"
 exit $status
