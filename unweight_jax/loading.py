@@ -20,6 +20,7 @@ from .models.config import LlamaConfig
 from .models.llama import Linear, Llama
 from .models.loading import load_hf, load_llama2c, model_template, populate
 from .pipelines import Plan
+from .sharding import ShardedCompressedLinear, check_mesh, replicate_params
 from .weights import from_huffman
 
 
@@ -41,12 +42,16 @@ def load_model(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.bfloat16,
     plan: Plan | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Llama:
-    """A Llama from a bundle (compressed layers in resident `form`), an HF directory or a
-    llama2.c file (plain layers in `param_dtype`; casting fp32 weights to bf16 is lossy)."""
+    """A Llama from a bundle (compressed layers in resident `form`, tensor-parallel over `mesh`'s
+    "tp" axis when given), an HF directory or a llama2.c file (plain layers in `param_dtype`;
+    casting fp32 weights to bf16 is lossy)."""
     path = Path(path)
     if is_bundle(path):
-        return load_bundle_model(path, form=form, dtype=dtype, plan=plan)
+        return load_bundle_model(path, form=form, dtype=dtype, plan=plan, mesh=mesh)
+    if mesh is not None:
+        raise ValueError(f"{path}: tensor parallelism serves compressed layers; it needs a bundle")
     if path.is_dir():
         return load_hf(path, param_dtype=param_dtype, dtype=dtype)
     if path.is_file():
@@ -60,12 +65,19 @@ def load_bundle_model(
     form: str | None = None,
     dtype: Any = jnp.float32,
     plan: Plan | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Llama:
     """A Llama whose compressed projections are `CompressedLinear` layers in resident `form`.
 
     Tensors the bundle stores raw fill the model as they are; a compressed tensor that is not a
     projection (an embedding compressed with `--embeddings`) is decoded to bf16 on the host.
+    With a `mesh` that has a "tp" axis, the projections are `ShardedCompressedLinear` layers
+    (palette form, split over "tp"; see `unweight_jax.sharding`) and the rest is replicated.
     """
+    if mesh is not None:
+        check_mesh(mesh)
+        if form not in (None, "palette") or plan is not None:
+            raise ValueError("tensor-parallel layers are palette-resident with their own product; give no form or plan")
     form = form or default_form()
     if form not in FORMS:
         raise ValueError(f"unknown resident form {form!r}; expected one of {FORMS}")
@@ -83,10 +95,16 @@ def load_bundle_model(
         if reader.info(name).encoding == "huffman" and isinstance(_find(model, module_path), Linear):
             parts = reader.read(name)
             _check_shape(model, module_path, name, parts)
-            replace_module(model, module_path, CompressedLinear(from_huffman(parts, form), dtype=dtype, plan=plan))
+            if mesh is None:
+                layer = CompressedLinear(from_huffman(parts, form), dtype=dtype, plan=plan)
+            else:
+                layer = ShardedCompressedLinear.from_huffman(parts, module_path=module_path, mesh=mesh, dtype=dtype)
+            replace_module(model, module_path, layer)
         else:
             plain.append(name)
     populate(model, ((name, _plain(reader.read(name))) for name in plain))
+    if mesh is not None:
+        replicate_params(model, mesh)
     return model
 
 

@@ -38,6 +38,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--form", choices=FORMS, help="resident form of compressed layers (default: palette on a GPU, huffman elsewhere)")
+    parser.add_argument(
+        "--tp",
+        type=int,
+        metavar="N",
+        help="tensor-parallel degree: split the compressed layers of a bundle over the first N devices",
+    )
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="activation dtype (default float32)")
     parser.add_argument(
         "--param-dtype",
@@ -66,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..loading import load_model
     from ..models.generate import generate
+    from ..sharding import tp_mesh
 
     model_path = Path(args.model)
     if not model_path.exists():
@@ -76,7 +83,14 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise CommandError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
 
-    model = load_model(model_path, form=args.form, dtype=getattr(jnp, args.dtype), param_dtype=getattr(jnp, args.param_dtype))
+    dtypes = dict(dtype=getattr(jnp, args.dtype), param_dtype=getattr(jnp, args.param_dtype))
+    try:
+        mesh = None if args.tp is None else tp_mesh(args.tp)
+        model = load_model(model_path, form=args.form, mesh=mesh, **dtypes)
+    except ValueError as e:
+        if args.tp is None:
+            raise
+        raise CommandError(f"--tp {args.tp}: {e}") from None
     if args.prompt:
         prompts = [tokenizer.encode(text).ids for text in args.prompt]
     elif args.ids:
