@@ -68,6 +68,9 @@ _SAFETENSORS_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()
 _DTYPES_BY_NAME = {dtype.name: dtype for dtype in _SAFETENSORS_DTYPES.values()}
 _MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 _CRC_HEX = re.compile(r"[0-9a-f]{8}")
+# What json.loads raises on bad input: ValueError (JSONDecodeError, UnicodeDecodeError, an integer of
+# over 4300 digits) and RecursionError (arrays or objects nested too deep).
+_JSON_ERRORS = (ValueError, RecursionError)
 
 TensorValue = HuffmanParts | np.ndarray
 
@@ -110,7 +113,7 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
         raw = f.read(header_len)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except _JSON_ERRORS as e:
         raise BundleError(f"{path}: corrupt: the header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise BundleError(f"{path}: corrupt: the header is not a JSON object")
@@ -142,7 +145,7 @@ def _parse_array_spec(path: Path, name: str, spec: object, data_start: int) -> S
     if not isinstance(spec, dict):
         raise fail("its header entry is not an object")
     code, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if code not in _SAFETENSORS_DTYPES:
+    if not isinstance(code, str) or code not in _SAFETENSORS_DTYPES:  # a list or dict is unhashable
         raise fail(f"unknown dtype {code!r}")
     if not _is_int_list(shape) or any(d < 0 for d in shape):
         raise fail(f"bad shape {shape!r}")
@@ -317,7 +320,7 @@ def _parse_entry(
     encoding, dtype_name, shape, crcs = spec.get("encoding"), spec.get("dtype"), spec.get("shape"), spec.get("crc32")
     if encoding not in ("huffman", "raw"):
         raise fail(f"unknown encoding {encoding!r}")
-    if dtype_name not in _DTYPES_BY_NAME:
+    if not isinstance(dtype_name, str) or dtype_name not in _DTYPES_BY_NAME:  # a list or dict is unhashable
         raise fail(f"unknown dtype {dtype_name!r}")
     if not _is_int_list(shape) or any(d < 0 for d in shape):
         raise fail(f"bad shape {shape!r} in the metadata")
@@ -386,7 +389,7 @@ def existing_bundle_files(path: Path) -> list[Path]:
         try:
             weight_map = json.loads(index_path(path).read_text()).get("weight_map", {})
             files += sorted({path.with_name(Path(f).name) for f in weight_map.values() if isinstance(f, str)})
-        except (OSError, ValueError, AttributeError):
+        except (OSError, AttributeError, *_JSON_ERRORS):
             pass  # an unreadable index: its shards cannot be found, the index itself is still listed
     return [p for p in dict.fromkeys(files) if p.exists()]
 
@@ -688,7 +691,7 @@ class BundleReader:
     def _read_index(self, index: Path) -> list[Path]:
         try:
             content = json.loads(index.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except _JSON_ERRORS as e:
             raise BundleError(f"{index}: corrupt: the index is not valid JSON ({e})") from None
         meta = content.get("metadata") if isinstance(content, dict) else None
         weight_map = content.get("weight_map") if isinstance(content, dict) else None
@@ -699,11 +702,10 @@ class BundleReader:
         if meta.get(KEY_VERSION) != str(FORMAT_VERSION):
             raise BundleError(f"{index}: format_version {meta.get(KEY_VERSION)!r} is not supported "
                               f"(this reader knows version {FORMAT_VERSION})")
-        names = list(dict.fromkeys(weight_map.values()))
-        for name in names:
+        for name in weight_map.values():  # checked before deduplication: a list or dict is unhashable
             if not isinstance(name, str) or Path(name).name != name or not name.endswith(BUNDLE_SUFFIX):
                 raise BundleError(f"{index}: corrupt: weight_map names {name!r}, not a bundle file beside the index")
-        files = [index.with_name(name) for name in names]
+        files = [index.with_name(name) for name in dict.fromkeys(weight_map.values())]
         for file in files:
             if not file.is_file():
                 raise BundleError(f"{index}: shard {file.name} is missing")
@@ -739,7 +741,7 @@ class BundleReader:
             return None
         try:
             return json.loads(metadata[key])
-        except json.JSONDecodeError as e:
+        except _JSON_ERRORS as e:
             where = file or self.files[0]
             raise BundleError(f"{where}: corrupt: __metadata__ {key!r} is not valid JSON ({e})") from None
 
