@@ -61,6 +61,12 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
 _OWN_PIPELINE = {PaletteWeight: "palette", TranscodeWeight: "transcode", HuffmanWeight: "full", ExponentWeight: "exponent"}
 
 
+def join_bf16(e: jax.Array, sm: jax.Array) -> jax.Array:
+    """bf16 from exponent bytes and sign+mantissa bytes (FORMAT.md section 1), in plain jnp."""
+    e, sm = e.astype(jnp.uint16), sm.astype(jnp.uint16)
+    return lax.bitcast_convert_type(((sm & 0x80) << 8) | (e << 7) | (sm & 0x7F), jnp.bfloat16)
+
+
 def pipelines_for(w: CompressedWeight) -> tuple[str, ...]:
     """The pipelines a resident form can feed."""
     if isinstance(w, PaletteWeight):
@@ -139,9 +145,7 @@ def decompress(w: CompressedWeight) -> jax.Array:
     if isinstance(w, PaletteWeight):
         return decode.palette_to_bf16(w.palette, w.idx, w.sm, w.esc_groups, w.esc_exp)
     if isinstance(w, ExponentWeight):
-        e = w.exp.astype(jnp.uint16)
-        sm = w.sm.astype(jnp.uint16)
-        return lax.bitcast_convert_type(((sm & 0x80) << 8) | (e << 7) | (sm & 0x7F), jnp.bfloat16)
+        return join_bf16(w.exp, w.sm)
     raise TypeError(f"not a compressed weight: {type(w).__name__}")
 
 

@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from . import codec
 from .format import GROUP, HuffmanParts
 from .layers import CompressedParam
+from .pipelines import join_bf16
 from .weights import ESC_WORD_BITS, escape_index
 
 try:  # jax >= 0.7
@@ -158,9 +159,7 @@ def palette_to_bf16(
     escaped = ((mask >> bit) & 1) == 1
     slot = esc_prefix[:, word] + lax.population_count(mask & ((jnp.uint32(1) << bit) - 1))
     verbatim = esc_exp.at[slot, col % GROUP].get(mode="clip")
-    e = jnp.where(escaped, verbatim, exp).astype(jnp.uint16)
-    s = sm.astype(jnp.uint16)
-    return lax.bitcast_convert_type(((s & 0x80) << 8) | (e << 7) | (s & 0x7F), jnp.bfloat16)
+    return join_bf16(jnp.where(escaped, verbatim, exp), sm)
 
 
 def _local_product(x: jax.Array, w: ShardedPaletteWeight) -> jax.Array:
