@@ -24,7 +24,8 @@ from unweight_jax.weights import PaletteWeight
 
 LLAMA_8B = [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096)]  # gate/up, down, q/o, k/v
 SMALL = [(37, 64), (100, 192), (300, 640), (16, 4096)]  # partial tiles, few steps, leftover steps
-MMA = ["mma", "mma_rows32", "mma_acc4", "mma_u2_acc4"]
+MMA = [name for name in gemv.VARIANTS if name not in gemv.FMA_VARIANTS]
+FMA = list(gemv.FMA_VARIANTS)
 
 
 def weight_bits(rows: int, cols: int, seed: int, exponent_spread: int = 0) -> np.ndarray:
@@ -114,28 +115,29 @@ def test_mma_llama_shapes(shape: tuple[int, int], batch: int, variant: str) -> N
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", FMA)
 @pytest.mark.parametrize("batch", [1, 3, 4])
 @pytest.mark.parametrize("shape", LLAMA_8B[:2])
-def test_fma_llama_shapes(shape: tuple[int, int], batch: int) -> None:
-    check_case(forms(*shape), batch, "fma", seed=batch)
+def test_fma_llama_shapes(shape: tuple[int, int], batch: int, variant: str) -> None:
+    check_case(forms(*shape), batch, variant, seed=batch)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [*MMA, "fma"])
+@pytest.mark.parametrize("variant", MMA + FMA)
 @pytest.mark.parametrize("shape", SMALL)
 def test_small_shapes_odd_batches(shape: tuple[int, int], variant: str) -> None:
-    for batch in (1, 2, 3, 4) if variant == "fma" else (1, 2, 3, 7, 8, 9, 15, 16):
+    for batch in (1, 2, 3, 4) if variant in FMA else (1, 2, 3, 7, 8, 9, 15, 16):
         check_case(forms(*shape, seed=batch), batch, variant, seed=batch)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [*MMA, "fma"])
+@pytest.mark.parametrize("variant", MMA + FMA)
 @pytest.mark.parametrize("shape", [(4096, 4096), (300, 640)])
 def test_escape_groups_everywhere(shape: tuple[int, int], variant: str) -> None:
     f = forms(*shape, seed=7, exponent_spread=24)
     groups = shape[0] * shape[1] // 64
     assert f.palette.esc_exp.shape[0] > 0.9 * groups
-    for batch in (1, 3) if variant == "fma" else (1, 7, 16):
+    for batch in (1, 3) if variant in FMA else (1, 7, 16):
         check_case(f, batch, variant, seed=batch)
 
 
@@ -143,7 +145,7 @@ def test_escape_groups_everywhere(shape: tuple[int, int], variant: str) -> None:
 @pytest.mark.parametrize("seed", [11, 12, 13])
 def test_random_seeds(seed: int) -> None:
     f = forms(1024, 4096, seed=seed)
-    for variant in [*MMA, "fma"]:
+    for variant in MMA + FMA:
         check_case(f, 3, variant, seed=seed)
 
 
@@ -176,11 +178,13 @@ def test_supports() -> None:
     assert gemv.supports(14336, 4096, 1) and gemv.supports(4096, 14336, 16)
     assert gemv.supports(37, 64, 16, "mma_rows32")
     assert gemv.supports(1024, 4096, 4, "fma") and not gemv.supports(1024, 4096, 5, "fma")
+    assert gemv.supports(1024, 4096, 16, "mma_u1") and not gemv.supports(1024, 4096, 5, "rows")
+    assert gemv.supports(64, 65536, 4, "rows") and not gemv.supports(64, 65600, 4, "rows")
     assert not gemv.supports(4096, 4096, 17)
     assert not gemv.supports(4096, 4096, 0)
     assert not gemv.supports(64, 172, 1)  # stories260K's MLP: C not a multiple of 64
     assert not gemv.supports(0, 64, 1)
-    assert not gemv.supports(64, 64, 1, "no_such_variant") and not gemv.supports(64, 64, 1, 9)
+    assert not gemv.supports(64, 64, 1, "no_such_variant") and not gemv.supports(64, 64, 1, 99)
 
 
 def test_wrappers_check_their_arguments() -> None:

@@ -13,6 +13,10 @@
 // pairs the columns; the k-slots 2t, 2t+1, 2t+8, 2t+9 of mma j take columns 4j, 4j+2, 4j+1,
 // 4j+3), and the B operand takes the same columns of x row g straight from global memory (L1),
 // so x needs no staging and every lane's loads stay 16 bytes wide.
+//
+// The rows kernel (batch <= 4) splits the work the other way: a warp takes whole rows, lanes
+// side by side along them, so each load instruction of a warp reads 512 consecutive bytes, and
+// many small warps (about 80 registers) keep the loads in flight; it multiplies with fp32 FMA.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -46,7 +50,15 @@ enum Variant : int32_t {
   kFma = 2,        // fp32 FMA, batch <= 4, 16 rows per warp, 4 steps in flight
   kMmaAcc4 = 3,    // as kMma, with four independent accumulators (a shorter mma chain)
   kMmaU2Acc4 = 4,  // as kMmaAcc4, 2 steps in flight (fewer registers, more resident warps)
+  kMmaU1 = 5,      // as kMmaAcc4, 1 step in flight, at most 128 registers: more resident warps
+  kRows = 6,       // fp32 FMA (batch <= 4), a warp per row along its length, 2 steps in flight
+  kRows2 = 7,      // as kRows, a warp per 2 rows sharing x
+  kRowsU4 = 8,     // as kRows, 4 steps in flight
 };
+constexpr int32_t kLastVariant = kRowsU4;
+
+constexpr bool is_row_variant(int32_t v) { return v >= kRows; }
+constexpr bool is_fma_variant(int32_t v) { return v == kFma || is_row_variant(v); }
 
 // ---- memory access
 
@@ -209,6 +221,14 @@ struct PaletteWeights {
     load_weights16_if(escaped && !first, group_exponents(esc, step0 + u, t), policy, e);
     return join16(e, lane.sm);
   }
+
+  // For the row kernel: `verbatim` holds the lane's 16 exponents where its group is an escape.
+  __device__ Pairs rebuild_lane(const Lane& lane, const Table& table, bool escaped, uint4 verbatim) const {
+    uint4 e = make_uint4(palette_lookup4(lane.idx.x, table.palette), palette_lookup4(lane.idx.x >> 16, table.palette),
+                         palette_lookup4(lane.idx.y, table.palette), palette_lookup4(lane.idx.y >> 16, table.palette));
+    if (escaped) e = verbatim;
+    return join16(e, lane.sm);
+  }
 };
 
 // Exponent bytes beside sign+mantissa bytes (the `exponent` pipeline).
@@ -236,6 +256,7 @@ struct ExponentWeights {
   __device__ Pairs rebuild(const Lane& lane, const Table&, const Escapes&, int, int, int, uint64_t) const {
     return join16(lane.exp, lane.sm);
   }
+  __device__ Pairs rebuild_lane(const Lane& lane, const Table&, bool, uint4) const { return join16(lane.exp, lane.sm); }
 };
 
 // Plain bf16: the twin.
@@ -262,6 +283,7 @@ struct Bf16Weights {
   __device__ Pairs rebuild(const Lane& lane, const Table&, const Escapes&, int, int, int, uint64_t) const {
     return pairs16(lane.lo, lane.hi);
   }
+  __device__ Pairs rebuild_lane(const Lane& lane, const Table&, bool, uint4) const { return pairs16(lane.lo, lane.hi); }
 };
 
 // ---- the warp's walk over its steps, shared by both kernels
@@ -273,6 +295,9 @@ struct Chunk {
   static constexpr int kSteps = N;
   typename Weights::Lane lanes[RT][2][N];
   typename Weights::Escapes escapes[RT][2];
+
+  __device__ const typename Weights::Lane& lane(int rt, int h, int u) const { return lanes[rt][h][u]; }
+  __device__ const typename Weights::Escapes& escape(int rt, int h) const { return escapes[rt][h]; }
 };
 
 // The escape mask words (and prefixes) over `step` of the lane's rows. Loaded one chunk ahead of
@@ -365,6 +390,12 @@ __device__ __forceinline__ void walk_steps(const Weights& weights, const int64_t
   }
 }
 
+// Shared memory of a block: the partial sums of all warps but the first.
+template <int kValues>
+__host__ __device__ constexpr size_t partial_bytes(int warps) {
+  return size_t(warps - 1) * kValues * kLanes * sizeof(float);
+}
+
 // Adds the block's per-warp partial sums into warp 0's, in warp order (so the result does not
 // depend on timing). Returns false in every other warp, which then has nothing left to do.
 template <int kValues>
@@ -389,8 +420,8 @@ __device__ __forceinline__ bool reduce_warps(float (&acc)[kValues], void* smem, 
 // Tensor cores: NT tiles of 8 batch rows (1 up to batch 8, else 2), RT tiles of 16 rows per warp.
 // ACC accumulator sets take the four mma of a step in turn, so that ACC chains of dependent mma
 // run side by side; they are added in a fixed order at the end.
-template <class Weights, int NT, int RT, int U, int ACC>
-__global__ void __launch_bounds__(kMaxWarps* kLanes)
+template <class Weights, int NT, int RT, int U, int ACC, int MINB>
+__global__ void __launch_bounds__(kMaxWarps* kLanes, MINB)
     gemv_mma_kernel(Weights weights, const uint16_t* __restrict__ x, uint16_t* __restrict__ y, int batch, int rows,
                     int cols) {
   extern __shared__ uint4 smem[];
@@ -425,8 +456,8 @@ __global__ void __launch_bounds__(kMaxWarps* kLanes)
       for (int nt = 0; nt < NT; ++nt) xs[nt] = load_x16(x_lane[nt] + int64_t(step0 + u) * kStepCols, x_valid[nt]);
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt) {
-        const Pairs a = weights.rebuild(chunk.lanes[rt][0][u], table, chunk.escapes[rt][0], step0, u, t, policy);
-        const Pairs b = weights.rebuild(chunk.lanes[rt][1][u], table, chunk.escapes[rt][1], step0, u, t, policy);
+        const Pairs a = weights.rebuild(chunk.lane(rt, 0, u), table, chunk.escape(rt, 0), step0, u, t, policy);
+        const Pairs b = weights.rebuild(chunk.lane(rt, 1, u), table, chunk.escape(rt, 1), step0, u, t, policy);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
 #pragma unroll
@@ -491,7 +522,7 @@ __global__ void __launch_bounds__(kMaxWarps* kLanes)
       for (int b = 0; b < B; ++b) xs[b] = load_x16(x_lane + int64_t(b) * cols + int64_t(step0 + u) * kStepCols, true);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const Pairs w = weights.rebuild(chunk.lanes[0][h][u], table, chunk.escapes[0][h], step0, u, t, policy);
+        const Pairs w = weights.rebuild(chunk.lane(0, h, u), table, chunk.escape(0, h), step0, u, t, policy);
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
           const float lo = low_bf16(w.w[k]), hi = high_bf16(w.w[k]);
@@ -522,6 +553,140 @@ __global__ void __launch_bounds__(kMaxWarps* kLanes)
 #pragma unroll
     for (int b = 0; b < B; ++b) {
       if (r < rows) y[int64_t(b) * rows + r] = to_bf16(acc[h][b]);
+    }
+  }
+}
+
+// fp32 FMA (batch B <= 4), one warp per R rows, the lanes side by side along a row: in step s
+// lane l reads columns [512 s + 16 l, +16) of each of its rows, so a warp's loads of a row are
+// 512 (sign+mantissa) and 256 (indices) consecutive bytes and need no shared memory. A warp
+// walks its rows' whole length with U steps in flight (double-buffered): many short warps with
+// few registers each fill the GPU. The lane's group of 64 is 8 s + l / 4; where it is an escape
+// group, its 16 verbatim exponents are fetched together with the weights.
+template <class Weights, int R, int N>
+struct RowChunk {
+  static constexpr int kSteps = N;
+  typename Weights::Lane lanes[R][N];
+  uint4 verbatim[R][N];
+  uint32_t escaped;  // bit R u + r: the lane's group in step u of row r is an escape group
+  uint32_t valid;    // bit u: the lane's columns of step u lie inside the row
+};
+
+constexpr int kRowStepCols = kLanes * kLaneCols;  // 512 columns of a row per warp step
+constexpr int kRowWarps = 8;                      // warps per block, each its own rows
+constexpr int64_t kRowMaxCols = int64_t(kLanes) * kEscWordBits * kGroup;  // a mask word per lane
+
+template <class Weights, int B, int R, int U>
+__global__ void __launch_bounds__(kRowWarps* kLanes)
+    gemv_rows_kernel(Weights weights, const uint16_t* __restrict__ x, uint16_t* __restrict__ y, int rows, int cols) {
+  const int lane = threadIdx.x % kLanes, t = lane % 4;
+  const int64_t first_row = (int64_t(blockIdx.x) * kRowWarps + threadIdx.x / kLanes) * R;
+  if (first_row >= rows) return;
+  const uint64_t policy = evict_first_policy();
+  const auto table = weights.table();
+  int64_t row[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) row[r] = min(first_row + r, int64_t(rows) - 1);  // a clamped row is never stored
+
+  // The rows' escape mask words and prefixes: word w in lane w, handed round by shuffles.
+  uint32_t mask[R] = {}, prefix[R] = {};
+  if constexpr (Weights::kEscapes) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (lane < weights.mask_words) {
+        const uint2 w = weights.escape_words(row[r], lane * kEscWordBits);
+        mask[r] = w.x;
+        prefix[r] = w.y;
+      }
+    }
+  }
+
+  // Issues the loads of the N steps from step0; a lane past the end of the row loads nothing.
+  auto load = [&](int step0, auto& c) {
+    constexpr int N = std::decay_t<decltype(c)>::kSteps;
+    c.escaped = c.valid = 0;
+#pragma unroll
+    for (int u = 0; u < N; ++u) {
+      const int col = (step0 + u) * kRowStepCols + kLaneCols * lane;
+      const bool valid = col < cols;
+      c.valid |= uint32_t(valid) << u;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        c.lanes[r][u] = weights.load(row[r], valid ? col : 0, policy);
+        if constexpr (Weights::kEscapes) {
+          const int group = col / kGroup, word = group / kEscWordBits, bit = group % kEscWordBits;
+          const uint32_t m = __shfl_sync(0xFFFFFFFFu, mask[r], word % kLanes);
+          const uint32_t p = __shfl_sync(0xFFFFFFFFu, prefix[r], word % kLanes);
+          const bool escaped = valid && ((m >> bit) & 1u);
+          c.escaped |= uint32_t(escaped) << (R * u + r);
+          load_weights16_if(escaped, weights.esc_exp + int64_t(escape_slot(m, p, bit)) * kGroup + kLaneCols * t,
+                            policy, c.verbatim[r][u]);
+        }
+      }
+    }
+    __syncwarp();  // keeps the loads here (see load_chunk)
+  };
+
+  float acc[R][B] = {};
+  auto compute = [&](const auto& c, int step0) {
+    constexpr int N = std::decay_t<decltype(c)>::kSteps;
+#pragma unroll
+    for (int u = 0; u < N; ++u) {
+      if (!((c.valid >> u) & 1u)) continue;  // only in a row's last, partial step
+      const int col = (step0 + u) * kRowStepCols + kLaneCols * lane;
+      Pairs xs[B];
+#pragma unroll
+      for (int b = 0; b < B; ++b) xs[b] = load_x16(x + int64_t(b) * cols + col, true);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const Pairs w = weights.rebuild_lane(c.lanes[r][u], table, (c.escaped >> (R * u + r)) & 1u,
+                                             Weights::kEscapes ? c.verbatim[r][u] : make_uint4(0, 0, 0, 0));
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          const float lo = low_bf16(w.w[k]), hi = high_bf16(w.w[k]);
+#pragma unroll
+          for (int b = 0; b < B; ++b) {
+            acc[r][b] = fmaf(lo, low_bf16(xs[b].w[k]), acc[r][b]);
+            acc[r][b] = fmaf(hi, high_bf16(xs[b].w[k]), acc[r][b]);
+          }
+        }
+      }
+    }
+  };
+
+  // Whole chunks of U steps ping-pong (one in flight while the other is multiplied), then the
+  // remaining steps, the last maybe partial, one at a time.
+  const int steps = (cols + kRowStepCols - 1) / kRowStepCols, chunks = steps / U;
+  RowChunk<Weights, R, U> ping, pong;
+  if (chunks > 0) load(0, ping);
+  for (int c = 0; c < chunks; c += 2) {
+    if (c + 1 < chunks) load((c + 1) * U, pong);
+    compute(ping, c * U);
+    if (c + 1 >= chunks) break;
+    if (c + 2 < chunks) load((c + 2) * U, ping);
+    compute(pong, (c + 1) * U);
+  }
+  for (int s = chunks * U; s < steps; ++s) {
+    RowChunk<Weights, R, 1> single;
+    load(s, single);
+    compute(single, s);
+  }
+
+  // Each lane holds 1/32 of the columns: a butterfly adds them, in the same order everywhere.
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+#pragma unroll
+      for (int d = 1; d < kLanes; d *= 2) acc[r][b] += __shfl_xor_sync(0xFFFFFFFFu, acc[r][b], d);
+    }
+  }
+  if (lane != 0) return;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      if (first_row + r < rows) y[int64_t(b) * rows + first_row + r] = to_bf16(acc[r][b]);
     }
   }
 }
@@ -559,12 +724,6 @@ int blocks_per_sm(Kernel kernel, int warps, size_t smem) {
   return it->second;
 }
 
-// Shared memory of a block: the partial sums of all warps but the first.
-template <int kValues>
-constexpr size_t smem_bytes(int warps) {
-  return size_t(warps - 1) * kValues * kLanes * sizeof(float);
-}
-
 // Warps per block: the most (up to 8, and no more than there are chunks of U steps in a row)
 // for which the whole grid is resident at once, so that every warp streams from the start and
 // none waits for a second wave. Sized with the palette kernel, so the twin and the fused kernels
@@ -579,13 +738,13 @@ int warps_per_block(PaletteKernel kernel, int64_t blocks, int chunks, size_t (*s
   return 1;
 }
 
-template <class Weights, int NT, int RT, int U, int ACC>
+template <class Weights, int NT, int RT, int U, int ACC, int MINB>
 void launch_mma(const Weights& weights, const Problem& p, cudaStream_t stream) {
   constexpr int kValues = RT * NT * 4;
   const int64_t blocks = (int64_t(p.rows) + kTileRows * RT - 1) / (kTileRows * RT);
-  const int warps = warps_per_block(gemv_mma_kernel<PaletteWeights, NT, RT, U, ACC>, blocks,
-                                    p.cols / kStepCols / U, smem_bytes<kValues>);
-  gemv_mma_kernel<Weights, NT, RT, U, ACC><<<blocks, warps * kLanes, smem_bytes<kValues>(warps), stream>>>(
+  const int warps = warps_per_block(gemv_mma_kernel<PaletteWeights, NT, RT, U, ACC, MINB>, blocks,
+                                    p.cols / kStepCols / U, partial_bytes<kValues>);
+  gemv_mma_kernel<Weights, NT, RT, U, ACC, MINB><<<blocks, warps * kLanes, partial_bytes<kValues>(warps), stream>>>(
       weights, p.x, p.y, p.batch, p.rows, p.cols);
 }
 
@@ -594,34 +753,61 @@ void launch_fma(const Weights& weights, const Problem& p, cudaStream_t stream) {
   constexpr int U = 4, kValues = 2 * B;
   const int64_t blocks = (int64_t(p.rows) + kTileRows - 1) / kTileRows;
   const int warps = warps_per_block(gemv_fma_kernel<PaletteWeights, B, U>, blocks, p.cols / kStepCols / U,
-                                    smem_bytes<kValues>);
+                                    partial_bytes<kValues>);
   gemv_fma_kernel<Weights, B, U>
-      <<<blocks, warps * kLanes, smem_bytes<kValues>(warps), stream>>>(weights, p.x, p.y, p.rows, p.cols);
+      <<<blocks, warps * kLanes, partial_bytes<kValues>(warps), stream>>>(weights, p.x, p.y, p.rows, p.cols);
+}
+
+template <class Weights, int B, int R, int U>
+void launch_rows(const Weights& weights, const Problem& p, cudaStream_t stream) {
+  const int64_t warps = (int64_t(p.rows) + R - 1) / R;
+  gemv_rows_kernel<Weights, B, R, U><<<(warps + kRowWarps - 1) / kRowWarps, kRowWarps * kLanes, 0, stream>>>(
+      weights, p.x, p.y, p.rows, p.cols);
+}
+
+// The mma kernels take one tile of 8 batch rows up to batch 8, two above; the FMA kernels are
+// compiled for each batch.
+template <class Weights, int RT, int U, int ACC, int MINB = 1>
+void launch_mma_batch(const Weights& weights, const Problem& p, cudaStream_t stream) {
+  return p.batch > 8 ? launch_mma<Weights, 2, RT, U, ACC, MINB>(weights, p, stream)
+                     : launch_mma<Weights, 1, RT, U, ACC, MINB>(weights, p, stream);
 }
 
 template <class Weights>
+void launch_fma_batch(const Weights& weights, const Problem& p, cudaStream_t stream) {
+  switch (p.batch) {
+    case 1: return launch_fma<Weights, 1>(weights, p, stream);
+    case 2: return launch_fma<Weights, 2>(weights, p, stream);
+    case 3: return launch_fma<Weights, 3>(weights, p, stream);
+    default: return launch_fma<Weights, 4>(weights, p, stream);
+  }
+}
+
+template <class Weights, int R, int U>
+void launch_rows_batch(const Weights& weights, const Problem& p, cudaStream_t stream) {
+  switch (p.batch) {
+    case 1: return launch_rows<Weights, 1, R, U>(weights, p, stream);
+    case 2: return launch_rows<Weights, 2, R, U>(weights, p, stream);
+    case 3: return launch_rows<Weights, 3, R, U>(weights, p, stream);
+    default: return launch_rows<Weights, 4, R, U>(weights, p, stream);
+  }
+}
+
+// MINB: blocks of 8 warps per SM that the registers must allow (2: at most 128 registers).
+//                                                          rows/16  U  ACC  MINB
+template <class Weights>
 void launch(const Weights& weights, const Problem& p, int32_t variant, cudaStream_t stream) {
-  const bool wide = p.batch > 8;
   switch (variant) {
-    case kMma:
-      return wide ? launch_mma<Weights, 2, 1, 4, 1>(weights, p, stream)
-                  : launch_mma<Weights, 1, 1, 4, 1>(weights, p, stream);
-    case kMmaRows32:
-      return wide ? launch_mma<Weights, 2, 2, 2, 1>(weights, p, stream)
-                  : launch_mma<Weights, 1, 2, 2, 1>(weights, p, stream);
-    case kMmaAcc4:
-      return wide ? launch_mma<Weights, 2, 1, 4, 4>(weights, p, stream)
-                  : launch_mma<Weights, 1, 1, 4, 4>(weights, p, stream);
-    case kMmaU2Acc4:
-      return wide ? launch_mma<Weights, 2, 1, 2, 4>(weights, p, stream)
-                  : launch_mma<Weights, 1, 1, 2, 4>(weights, p, stream);
-    case kFma:
-      switch (p.batch) {
-        case 1: return launch_fma<Weights, 1>(weights, p, stream);
-        case 2: return launch_fma<Weights, 2>(weights, p, stream);
-        case 3: return launch_fma<Weights, 3>(weights, p, stream);
-        default: return launch_fma<Weights, 4>(weights, p, stream);
-      }
+    case kMma: return launch_mma_batch<Weights, 1, 4, 1>(weights, p, stream);
+    case kMmaRows32: return launch_mma_batch<Weights, 2, 2, 1>(weights, p, stream);
+    case kMmaAcc4: return launch_mma_batch<Weights, 1, 4, 4>(weights, p, stream);
+    case kMmaU2Acc4: return launch_mma_batch<Weights, 1, 2, 4>(weights, p, stream);
+    case kMmaU1: return launch_mma_batch<Weights, 1, 1, 4, 2>(weights, p, stream);
+    case kFma: return launch_fma_batch<Weights>(weights, p, stream);
+    //                                              rows per warp  steps in flight
+    case kRows: return launch_rows_batch<Weights, 1, 2>(weights, p, stream);
+    case kRows2: return launch_rows_batch<Weights, 2, 2>(weights, p, stream);
+    case kRowsU4: return launch_rows_batch<Weights, 1, 4>(weights, p, stream);
   }
 }
 
@@ -661,11 +847,15 @@ ffi::Error check_problem(const char* op, ffi::Buffer<ffi::BF16> x, ffi::Span<con
   if (rows > INT32_MAX || cols > INT32_MAX) {
     return invalid_argument(op, "the weight " + dims_text(w_dims) + " is too large");
   }
-  if (variant < kMma || variant > kMmaU2Acc4) {
+  if (variant < kMma || variant > kLastVariant) {
     return invalid_argument(op, "unknown variant " + std::to_string(variant));
   }
-  if (variant == kFma && batch > kMaxFmaBatch) {
-    return invalid_argument(op, "the fma variant takes batches up to 4, got " + std::to_string(batch));
+  if (is_fma_variant(variant) && batch > kMaxFmaBatch) {
+    return invalid_argument(op, "the fma variants take batches up to 4, got " + std::to_string(batch));
+  }
+  if (is_row_variant(variant) && cols > kRowMaxCols) {
+    return invalid_argument(op, "the rows variants take C up to " + std::to_string(kRowMaxCols) + ", got " +
+                                    std::to_string(cols));
   }
   if (!dims_are(y->dimensions(), {batch, rows})) {
     return invalid_argument(op, "the output is " + dims_text(y->dimensions()) + ", expected [" +

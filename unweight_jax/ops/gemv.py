@@ -15,9 +15,13 @@ The `variant` attribute picks the compiled kernel:
 | fma | 2 | fp32 FMA (batch <= 4): a warp takes 16 rows, 4 groups in flight; every lane reads x |
 | mma_acc4 | 3 | as mma, the four mma of a step into four accumulators: four short dependent chains instead of one |
 | mma_u2_acc4 | 4 | as mma_acc4 with 2 groups in flight: fewer registers, more resident warps |
+| mma_u1 | 5 | as mma_acc4 with 1 group in flight and at most 128 registers: two warps per row tile where the grid allows |
+| rows | 6 | fp32 FMA (batch <= 4), one warp per row along its whole length, lanes side by side (each load of a warp is 512 consecutive bytes of a row), 2 steps of 512 columns in flight; C <= 65536 |
+| rows2 | 7 | as rows, a warp per 2 rows sharing the reads of x |
+| rows_u4 | 8 | as rows, 4 steps in flight |
 
-In all of them the warps of a block split the columns of its rows, and the grid is sized so
-that every block is resident at once.
+In the mma and fma variants the warps of a block split the columns of its rows and the grid is
+sized so that every block is resident at once; the rows variants give each warp whole rows.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from ..format import GROUP
 from ..weights import PaletteWeight
 from . import operands, registry  # noqa: F401  (registry: registers the targets)
 
-__all__ = ["MAX_BATCH", "VARIANTS", "Variant", "gemv_bf16", "gemv_exponent", "gemv_palette", "supports"]
+__all__ = ["FMA_VARIANTS", "MAX_BATCH", "VARIANTS", "Variant", "gemv_bf16", "gemv_exponent", "gemv_palette", "supports"]
 
 MAX_BATCH = 16
 FMA_MAX_BATCH = 4
@@ -49,7 +53,14 @@ VARIANTS: dict[str, Variant] = {
     "fma": Variant(2, "fp32 FMA, batch <= 4, 16 rows per warp, 4 groups in flight"),
     "mma_acc4": Variant(3, "as mma, four independent accumulators (shorter mma chains)"),
     "mma_u2_acc4": Variant(4, "as mma_acc4, 2 groups in flight (fewer registers)"),
+    "mma_u1": Variant(5, "as mma_acc4, 1 group in flight, at most 128 registers"),
+    "rows": Variant(6, "fp32 FMA, batch <= 4, a warp per row along its length, 2 steps in flight"),
+    "rows2": Variant(7, "as rows, a warp per 2 rows"),
+    "rows_u4": Variant(8, "as rows, 4 steps in flight"),
 }
+ROW_VARIANTS = ("rows", "rows2", "rows_u4")
+FMA_VARIANTS = ("fma", *ROW_VARIANTS)
+ROW_MAX_COLS = 32 * 32 * GROUP  # a row's escape mask words, one per lane
 
 
 def supports(rows: int, cols: int, batch: int, variant: int | str = 0) -> bool:
@@ -57,8 +68,9 @@ def supports(rows: int, cols: int, batch: int, variant: int | str = 0) -> bool:
     name = operands.variant_name(VARIANTS, variant)
     if name is None:
         return False
-    max_batch = FMA_MAX_BATCH if name == "fma" else MAX_BATCH
-    return rows >= 1 and cols >= GROUP and cols % GROUP == 0 and 1 <= batch <= max_batch and rows < 2**31
+    max_batch = FMA_MAX_BATCH if name in FMA_VARIANTS else MAX_BATCH
+    max_cols = ROW_MAX_COLS if name in ROW_VARIANTS else 2**31 - 1
+    return rows >= 1 and GROUP <= cols <= max_cols and cols % GROUP == 0 and 1 <= batch <= max_batch and rows < 2**31
 
 
 def gemv_palette(x: jax.Array, w: PaletteWeight, *, variant: int | str = 0) -> jax.Array:
@@ -82,7 +94,7 @@ def _gemv(target: str, x: jax.Array, rows: int, cols: int, weight: tuple[jax.Arr
     if not supports(rows, cols, batch, name):
         raise ValueError(
             f"{target}: variant {name!r} does not take batch {batch} with a weight [{rows}, {cols}] "
-            f"(batch 1-{FMA_MAX_BATCH if name == 'fma' else MAX_BATCH}, C a positive multiple of {GROUP})"
+            f"(batch 1-{FMA_MAX_BATCH if name in FMA_VARIANTS else MAX_BATCH}, C a positive multiple of {GROUP})"
         )
     # vmap over a batch of weights runs one GEMV per element.
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((batch, rows), jnp.bfloat16), vmap_method="sequential")
