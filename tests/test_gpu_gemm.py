@@ -203,6 +203,8 @@ def test_splits_fill_the_gpu_only_when_needed() -> None:
     assert gemm.splits_for(*DOWN, 512) == 2
     assert gemm.splits_for(*DOWN, 1024) == 1
     assert gemm.splits_for(1024, 4096, 64) == 8  # 8 k-blocks per split, the minimum
+    assert gemm.splits_for(*GATE_UP, 64, "n64_s8") == 1  # the narrow tile: still 112 tiles
+    assert gemm.splits_for(*DOWN, 200, "n64_s8") == 1  # 32 x 4 batch tiles
     assert gemm.splits_for(128, 64, 1) == 1  # one k-block cannot split
     for rows, cols, batch in [(4096, 4096, 100), (1024, 14336, 7), (128, 704, 3000)]:
         splits = gemm.splits_for(rows, cols, batch)

@@ -48,7 +48,7 @@ struct VariantShape {
   int tile_n;
   int stages;
 };
-constexpr VariantShape kVariants[] = {{256, 4}, {128, 6}, {256, 3}};
+constexpr VariantShape kVariants[] = {{256, 4}, {128, 6}, {256, 3}, {64, 8}};
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
 using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;
@@ -184,8 +184,10 @@ ffi::Error launch_variant(const Problem& pb, const TensorMaps& maps, const GemmP
       return launch<GemmConfig<kInput, kVariants[0].tile_n, kVariants[0].stages>>(pb, maps, p);
     case 1:
       return launch<GemmConfig<kInput, kVariants[1].tile_n, kVariants[1].stages>>(pb, maps, p);
-    default:
+    case 2:
       return launch<GemmConfig<kInput, kVariants[2].tile_n, kVariants[2].stages>>(pb, maps, p);
+    default:
+      return launch<GemmConfig<kInput, kVariants[3].tile_n, kVariants[3].stages>>(pb, maps, p);
   }
 }
 

@@ -7,8 +7,9 @@
 //   producer (40 registers): for each 64-wide k-block, TMA copies the compressed weight tile
 //     (palette: idx 128x32 B + sm 128x64 B; exponent: exp + sm; twin: bf16 128x128 B) and the
 //     x tile (kTileN x 64 bf16, 128-byte swizzle) into the next stage of a ring, plus, for the
-//     palette input, the 64 verbatim exponents of each row whose group is an escape group and
-//     a 128-bit "row escapes" mask. All of it completes one `full` mbarrier.
+//     palette input, the 64 verbatim exponents of each row whose group is an escape group and a
+//     128-bit "row escapes" mask. All of it completes one `full` mbarrier. With the palette input
+//     all four warps work (32 rows of escapes each, the copies in turn); otherwise warp 0 alone.
 //   consumers (232 registers, 64 weight rows each): rebuild the bf16 A fragments of the k-block
 //     in registers (palette looked up with PRMT from 4 registers), issue 4 WGMMA m64nNk16 with
 //     B = the x tile in shared memory, and hand the stage back through its `empty` mbarrier
@@ -53,6 +54,8 @@ struct GemmConfig {
   static constexpr int tile_n = kTileN;
   static constexpr int stages = kStages;
   static constexpr bool palette = kInput == WeightInput::kPalette;
+  // Warps of the producer warpgroup at work: the palette's escape rows keep all four busy.
+  static constexpr int producer_warps = palette ? kWarpgroupThreads / 32 : 1;
 
   // Bytes of one stage's tiles, each a multiple of 1024 so every swizzle atom stays aligned.
   static constexpr int x_bytes = kTileN * kTileK * 2;                                 // bf16 [N][64], 128B swizzle
@@ -81,7 +84,7 @@ struct GemmConfig {
   // + 1024: the dynamic shared memory base is aligned up to 1024 bytes by hand.
   static constexpr int smem_bytes = ctrl_off + ctrl_bytes + 1024;
 
-  static_assert(kTileN == 128 || kTileN == 256, "WGMMA N of 128 or 256");
+  static_assert(kTileN == 64 || kTileN == 128 || kTileN == 256, "WGMMA N of 64, 128 or 256");
   static_assert(stage_bytes % 1024 == 0, "stages must keep 1024-byte alignment");
   static_assert(smem_bytes <= kMaxSmem, "stages do not fit in shared memory");
 };
@@ -157,12 +160,14 @@ struct Producer {
   const CUtensorMap* map_sm;  // sm (palette, exponent)
   const GemmParams& p;
   uint32_t smem;
+  int warp;  // in the producer warpgroup; palette input: escapes of tile rows 32 warp .. 32 warp + 31
   int lane;
 
-  // Escape index words of this lane's rows of the tile (rows lane + 32 j), for one mask word.
+  // The escape index words of this lane's row of the tile, for one mask word (32 k-blocks): their
+  // load stalls this warp once per 32 k-blocks, while the copies of the other stages fly.
   struct EscapeWords {
-    uint32_t mask[4];
-    uint32_t prefix[4];
+    uint32_t mask;
+    uint32_t prefix;
     int word = -1;
   };
 
@@ -175,7 +180,9 @@ struct Producer {
         const uint32_t full = smem + Cfg::full_off + 8 * ring.stage;
         const uint32_t stage = smem + ring.stage * Cfg::stage_bytes;
         mbar_wait(smem + Cfg::empty_off + 8 * ring.stage, ring.phase ^ 1);
-        if (lane == 0) load_tiles(tile, kb, stage, full);
+        // The producer warps take turns at the copies, so that no SM sub-partition's consumer warps
+        // lose more issue slots than the others' (a warpgroup's WGMMA waits for its slowest warp).
+        if (lane == 0 && warp == kb % Cfg::producer_warps) load_tiles(tile, kb, stage, full);
         if constexpr (Cfg::palette) load_escapes(tile, kb, stage, full, ring.stage, esc);
         ring.advance();
       }
@@ -184,7 +191,7 @@ struct Producer {
 
   __device__ __forceinline__ void load_tiles(const Tile& tile, int kb, uint32_t stage, uint32_t full) {
     if constexpr (Cfg::palette) {
-      mbar_expect_tx(full, Cfg::tma_bytes);  // the escape rows arrive with the count
+      mbar_expect_tx(full, Cfg::tma_bytes);  // the escape rows arrive with the counts
     } else {
       mbar_arrive_expect_tx(full, Cfg::tma_bytes);
     }
@@ -200,39 +207,31 @@ struct Producer {
     }
   }
 
-  // Group kb of each of the tile's 128 rows: publish which are escape groups (one bit per row)
-  // and bring their 64 verbatim exponents into the stage, row r at esc_off + 64 r.
+  // Group kb of this warp's 32 rows: publish which are escape groups (one bit per row, this
+  // warp's word of the stage's 128-bit mask), arrive on `full` with their bytes, and bring their
+  // 64 verbatim exponents into the stage, row r at esc_off + 64 r. The four producer warps share
+  // the work: one warp alone was the kernel's limit (benchmarks/results/gemm_profile-h100.md).
   __device__ __forceinline__ void load_escapes(const Tile& tile, int kb, uint32_t stage, uint32_t full, int ring_stage,
-                                               EscapeWords& esc) {
+                                               EscapeWords& esc) const {
     const int word = kb / kEscWordBits;
-    const uint32_t bit = kb % kEscWordBits;
     if (word != esc.word) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t at = int64_t(tile.m0 + lane + 32 * j) * p.esc_words + word;
-        esc.mask[j] = __ldg(p.esc_mask + at);
-        esc.prefix[j] = __ldg(p.esc_prefix + at);
-      }
+      const int64_t at = int64_t(tile.m0 + 32 * warp + lane) * p.esc_words + word;
+      esc.mask = __ldg(p.esc_mask + at);
+      esc.prefix = __ldg(p.esc_prefix + at);
       esc.word = word;
     }
-    uint32_t rows_escaping[4];
-    uint32_t count = 0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      rows_escaping[j] = __ballot_sync(0xFFFFFFFFu, (esc.mask[j] >> bit) & 1u);
-      count += __popc(rows_escaping[j]);
-    }
+    const uint32_t bit = kb % kEscWordBits;
+    const bool escaping = (esc.mask >> bit) & 1u;
+    const uint32_t rows_escaping = __ballot_sync(0xFFFFFFFFu, escaping);
     if (lane == 0) {
-      sts128(smem + Cfg::flags_off + 16 * ring_stage,
-             make_uint4(rows_escaping[0], rows_escaping[1], rows_escaping[2], rows_escaping[3]));
-      mbar_arrive_expect_tx(full, count * kGroup);  // release: the flags are visible after the wait
+      sts32(smem + Cfg::flags_off + 16 * ring_stage + 4 * warp, rows_escaping);
+      mbar_arrive_expect_tx(full, __popc(rows_escaping) * kGroup);  // release: the flags are visible after the wait
     }
-    __syncwarp();
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if ((esc.mask[j] >> bit) & 1u) {
-        const uint32_t slot = escape_slot(esc.mask[j], esc.prefix[j], bit);
-        bulk_load(stage + Cfg::esc_off + (lane + 32 * j) * kGroup, p.esc_exp + int64_t(slot) * kGroup, kGroup, full);
+    if (rows_escaping != 0) {
+      __syncwarp();  // the copies' bytes complete a count already raised
+      if (escaping) {
+        const uint32_t slot = escape_slot(esc.mask, esc.prefix, bit);
+        bulk_load(stage + Cfg::esc_off + (32 * warp + lane) * kGroup, p.esc_exp + int64_t(slot) * kGroup, kGroup, full);
       }
     }
   }
@@ -510,7 +509,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < Cfg::stages; ++s) {
-      mbar_init(smem + Cfg::full_off + 8 * s, 1);  // the producer's arrive, plus the copies' bytes
+      // the producer's arrives (one per producer warp for the palette input), plus the copies' bytes
+      mbar_init(smem + Cfg::full_off + 8 * s, Cfg::producer_warps);
       mbar_init(smem + Cfg::empty_off + 8 * s, kConsumerWarpgroups * 4);  // one arrive per consumer warp
     }
     fence_mbar_init();
@@ -522,7 +522,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (warpgroup == 0) {
     setmaxnreg_dec<kProducerRegisters>();
-    if (warp == 0) Producer<Cfg>{&map_x, &map_w, &map_sm, p, smem, lane}.run();
+    if (warp < Cfg::producer_warps) Producer<Cfg>{&map_x, &map_w, &map_sm, p, smem, warp, lane}.run();
   } else {
     setmaxnreg_inc<kConsumerRegisters>();
     Consumer<Cfg>{p, smem, warpgroup - 1, warp, lane}.run();

@@ -17,6 +17,7 @@ decode + XLA's dot. The `variant` attribute picks the compiled kernel:
 | n256_s4 | 0 | tiles of 128 weight rows x 256 batch rows, 4-stage TMA ring (large batches) |
 | n128_s6 | 1 | tiles of 128 x 128, 6 stages (batches up to ~128, where half of a 256 tile would idle) |
 | n256_s3 | 2 | tiles of 128 x 256, 3 stages |
+| n64_s8 | 3 | tiles of 128 x 64, 8 stages (batches up to 64: half the WGMMA work and x bytes of a 128 tile) |
 
 When there are too few output tiles to fill the GPU (a 4096-row weight at small batch), the
 reduction dimension is split (`splits_for`): each split writes fp32 partials and a second kernel
@@ -55,6 +56,7 @@ VARIANTS: dict[str, Variant] = {
     "n256_s4": Variant(0, 256, 4, "128 x 256 tiles, 4-stage TMA ring: large batches"),
     "n128_s6": Variant(1, 128, 6, "128 x 128 tiles, 6 stages: batches up to ~128"),
     "n256_s3": Variant(2, 256, 3, "128 x 256 tiles, 3 stages"),
+    "n64_s8": Variant(3, 64, 8, "128 x 64 tiles, 8 stages: batches up to 64"),
 }
 _TARGETS = ("unweight_gemm_palette", "unweight_gemm_exponent", "unweight_gemm_bf16")
 
