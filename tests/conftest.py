@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import jax
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Tests run the static plans unless they turn the autotuner on themselves: no measurement, and no
+# write to the user's autotune cache, behind a test's back (subprocesses inherit this too).
+os.environ["UNWEIGHT_AUTOTUNE"] = "off"
 
 
 @functools.cache

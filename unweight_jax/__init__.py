@@ -18,6 +18,7 @@ _LAZY = {
     "CompressedLinear": "layers",
     "compress_linears": "layers",
     "weights": None,
+    "autotune": None,
     "models": None,
 }
 
@@ -27,6 +28,7 @@ __all__ = [
     "HuffmanParts",
     "PaletteParts",
     "Plan",
+    "autotune",
     "compress",
     "compress_linears",
     "decompress",

@@ -15,7 +15,6 @@ the `full` plan is bit-identical to the uncompressed model.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import jax
@@ -28,13 +27,6 @@ from .weights import CompressedWeight, ExponentWeight, HuffmanWeight, PaletteWei
 
 PIPELINES = ("full", "exponent", "transcode", "palette")
 KERNELS = ("xla", "gemv", "gemm")
-GEMV_MAX_BATCH = 16
-
-# Until the autotuner chooses per shape and batch, the variants that were fastest on the 8B MLP
-# stack on an H100 (benchmarks/results/mlp_stack-h100.json): (largest batch, variant name).
-GEMV_VARIANTS = ((8, "mma_acc4"), (GEMV_MAX_BATCH, "mma"))
-GEMM_VARIANTS = ((128, "n128_s6"), (2**31, "n256_s4"))
-
 PIPELINE_ENV = "UNWEIGHT_PIPELINE"
 
 
@@ -55,10 +47,6 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
     uncompressed model and the `full` pipeline use, so that their outputs are bit-identical."""
     y = lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
-
-
-# The pipeline each resident form runs unless told otherwise: the one it is resident for.
-_OWN_PIPELINE = {PaletteWeight: "palette", TranscodeWeight: "transcode", HuffmanWeight: "full", ExponentWeight: "exponent"}
 
 
 def join_bf16(e: jax.Array, sm: jax.Array) -> jax.Array:
@@ -93,28 +81,12 @@ def fused_kernels(pipeline: str, rows: int, cols: int, batch: int) -> tuple[str,
 
 
 def default_plan(w: CompressedWeight, batch: int, x_dtype: jnp.dtype) -> Plan:
-    """The plan used when nobody asked for one: the form's own pipeline (or the one forced by
-    $UNWEIGHT_PIPELINE, where the form allows it), fused where a kernel takes the case: the GEMV
-    up to batch 16, the tensor-core kernel above."""
-    allowed = pipelines_for(w)
-    pipeline = _OWN_PIPELINE[type(w)]
-    forced = os.environ.get(PIPELINE_ENV)
-    if forced:
-        if forced not in PIPELINES:
-            raise ValueError(f"{PIPELINE_ENV}={forced!r} is not one of {PIPELINES}")
-        if forced in allowed:
-            pipeline = forced
-    rows, cols = as_matrix_shape(w.shape)
-    kernels = fused_kernels(pipeline, rows, cols, batch) if x_dtype == jnp.bfloat16 else ()
-    if batch <= GEMV_MAX_BATCH and "gemv" in kernels:
-        return Plan(pipeline, "gemv", _variant(gemv.VARIANTS, GEMV_VARIANTS, batch))
-    if "gemm" in kernels:
-        return Plan(pipeline, "gemm", _variant(gemm.VARIANTS, GEMM_VARIANTS, batch))
-    return Plan(pipeline)
+    """The plan used when nobody asked for one: the autotuner's choice (unweight_jax.autotune:
+    forced, cached or measured; with tuning off, the form's own pipeline, fused where a kernel
+    takes the case, or the pipeline $UNWEIGHT_PIPELINE forces where the form allows it)."""
+    from . import autotune  # imported here: the tuner builds on this module
 
-
-def _variant(variants: dict, by_batch: tuple[tuple[int, str], ...], batch: int) -> int:
-    return next(variants[name].id for limit, name in by_batch if batch <= limit)
+    return autotune.choose(w, batch, x_dtype)
 
 
 def matmul(x: jax.Array, w: CompressedWeight, *, plan: Plan | None = None) -> jax.Array:
@@ -156,24 +128,38 @@ _FUSED = {
 
 
 def _run(plan: Plan, x: jax.Array, w: CompressedWeight, rows: int, cols: int) -> jax.Array:
-    if plan.kernel == "xla":
+    """The plan's pipeline up to its matmul's input, then the fused kernel on that input, or (kernel
+    "xla") the bf16 weight joined from that same input and XLA's dot: each pipeline is its own
+    path on every backend, which is what the autotuner chooses between on the CPU."""
+    if plan.pipeline == "full":
         return dense(x, decompress(w))
-    fused_palette, fused_exponent = _FUSED[plan.kernel]
-    if plan.pipeline == "palette":
-        return fused_palette(x, w, variant=plan.variant)
-    huff = w.huffman if isinstance(w, TranscodeWeight) else w
+    fused_palette, fused_exponent = _FUSED.get(plan.kernel, (None, None))
     if plan.pipeline == "exponent":
-        if isinstance(w, ExponentWeight):
-            return fused_exponent(x, w.exp, w.sm, variant=plan.variant)
-        exp = decode.huffman_to_exponent(
-            huff.words, huff.chunks, huff.lut, shape=(rows, cols), chunk_steps=huff.chunk_steps
-        )
-        return fused_exponent(x, exp, huff.sm.reshape(rows, cols), variant=plan.variant)
-    # transcode: rebuild the 4-bit indices, borrow the resident palette side tables
+        exp, sm = _exponent_bytes(w, rows, cols)
+        return fused_exponent(x, exp, sm, variant=plan.variant) if fused_exponent else dense(x, join_bf16(exp, sm))
+    palette = w if plan.pipeline == "palette" else _transcoded(w, rows, cols)
+    return fused_palette(x, palette, variant=plan.variant) if fused_palette else dense(x, decompress(palette))
+
+
+def _exponent_bytes(w: CompressedWeight, rows: int, cols: int) -> tuple[jax.Array, jax.Array]:
+    """(exponent bytes, sign+mantissa bytes), both u8 [R, C]: resident, or decoded from Huffman."""
+    if isinstance(w, ExponentWeight):
+        return w.exp, w.sm
+    huff = w.huffman if isinstance(w, TranscodeWeight) else w
+    exp = decode.huffman_to_exponent(
+        huff.words, huff.chunks, huff.lut, shape=(rows, cols), chunk_steps=huff.chunk_steps
+    )
+    return exp, huff.sm.reshape(rows, cols)
+
+
+def _transcoded(w: TranscodeWeight, rows: int, cols: int) -> PaletteWeight:
+    """The palette form of a transcode-resident weight: the 4-bit indices rebuilt from the Huffman
+    stream, the resident palette side tables borrowed."""
+    huff = w.huffman
     idx = decode.huffman_to_palette(
         huff.words, huff.chunks, huff.lut, w.sym_to_idx, w.esc_groups, shape=(rows, cols), chunk_steps=huff.chunk_steps
     )
-    view = PaletteWeight(
+    return PaletteWeight(
         palette=w.palette,
         idx=idx,
         sm=huff.sm.reshape(rows, cols),
@@ -183,4 +169,3 @@ def _run(plan: Plan, x: jax.Array, w: CompressedWeight, rows: int, cols: int) ->
         esc_exp=w.esc_exp,
         shape=(rows, cols),
     )
-    return fused_palette(x, view, variant=plan.variant)

@@ -13,6 +13,8 @@ from ..bundle import BundleError, BundleReader, TensorInfo, TensorValue
 from ..compress import TensorReport, entropy_bound_bytes
 from ..format import GROUP, FormatError, HuffmanParts, as_matrix_shape
 from ._units import human_bytes
+from . import CommandError
+from .tune import parse_batches
 
 
 @dataclass(frozen=True)
@@ -120,13 +122,37 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("bundle", metavar="BUNDLE", help="a .unw.safetensors file, or the index of a sharded bundle")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--plan", action="store_true", help="instead, the plan each projection runs at each --batch (autotune cache)"
+    )
+    parser.add_argument("--batch", default="1,16,256,2048", help="with --plan: comma-separated batch sizes")
+    parser.add_argument("--cache", help="with --plan: the autotune cache file (default: as `unweight tune`)")
+    parser.add_argument("--form", help="with --plan: the resident form (default: the one loading picks here)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.plan:
+        print(plan_text(args.bundle, parse_batches(args.batch), args.cache, args.form))
+        return 0
     reader = BundleReader(args.bundle)
     print(json.dumps(report_json(reader), indent=2) if args.json else report_text(reader))
     return 0
+
+
+def plan_text(bundle: str, batches: Sequence[int], cache: str | None, form: str | None = None) -> str:
+    """Per projection, the plan that runs at each batch: cached, or the static one if untuned."""
+    from ..autotune import planned
+
+    try:
+        listing = planned(bundle, batches, form=form, cache=cache)
+    except ValueError as e:  # no projection to plan for
+        raise CommandError(str(e)) from None
+    rows = [("tensor", "shape", "form", *(f"batch {b}" for b in batches))]
+    for name, (r, c), form, plans in listing:
+        rows.append((name, f"{r}x{c}", form, *(plans[b] for b in batches)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def report_text(reader: BundleReader) -> str:
