@@ -156,3 +156,23 @@ class LlamaConfig:
             bos_id=1,
             eos_ids=(2,),
         )
+
+
+# Meta's Llama-3.1-8B (its Hugging Face config.json), for benchmarks at real shapes without the weights.
+LLAMA_3_1_8B = LlamaConfig(
+    vocab_size=128256,
+    dim=4096,
+    n_layers=32,
+    n_heads=32,
+    n_kv_heads=8,
+    hidden_dim=14336,
+    head_dim=128,
+    norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling=RopeScaling(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+    ),
+    max_seq_len=131072,
+    bos_id=128000,
+    eos_ids=(128001, 128008, 128009),
+)

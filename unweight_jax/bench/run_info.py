@@ -1,0 +1,45 @@
+"""What every benchmark result records about its run (DESIGN.md section 6): the device, the
+driver, the jax version, the date and the commit measured, one convention for all scripts."""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+from pathlib import Path
+
+import jax
+
+REPO = Path(__file__).resolve().parents[2]  # the checkout of an editable install; elsewhere git finds none
+
+
+def _run(*cmd: str) -> str | None:
+    try:
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def git_commit() -> str:
+    """HEAD, with "-dirty" when tracked files differ from it; "unknown" outside a git checkout
+    (a copy without .git, as on a lent GPU machine: pass --commit there)."""
+    head = _run("git", "rev-parse", "HEAD")
+    if head is None:
+        return "unknown"
+    return head + ("-dirty" if _run("git", "status", "--porcelain", "--untracked-files=no") else "")
+
+
+def gpu_driver() -> str | None:
+    out = _run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
+    return out.splitlines()[0] if out else None
+
+
+def run_info(benchmark: str, *, commit: str | None = None, device: str | None = None) -> dict[str, str | None]:
+    """The leading fields of a result file; `device` defaults to jax's first device."""
+    return {
+        "benchmark": benchmark,
+        "device": device or jax.devices()[0].device_kind,
+        "driver": gpu_driver(),
+        "jax_version": jax.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit or git_commit(),
+    }
