@@ -24,4 +24,6 @@ step demo python3 -m unweight_jax.cli demo
 step decoders python3 benchmarks/decoders.py --out "$out"
 step mlp_stack python3 benchmarks/mlp_stack.py --out "$out"
 step gemm_shapes python3 benchmarks/gemm_shapes.py --out "$out"
+step autotune python3 benchmarks/autotune.py --out "$out"
+step bench python3 -m unweight_jax.cli bench --out "$out"
 exit $status
