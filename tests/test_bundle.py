@@ -16,10 +16,13 @@ from safetensors import safe_open
 from unweight_jax import codec
 from unweight_jax.bundle import (
     HUFFMAN_PARTS,
+    KEY_CONFIG,
+    KEY_METADATA_CRC,
     BundleError,
     BundleReader,
     BundleWriter,
     load_bundle,
+    metadata_crc32,
     read_safetensors_header,
     save_bundle,
 )
@@ -118,6 +121,7 @@ def test_empty_bundle(tmp_path: Path) -> None:
     assert BundleReader(out).names == []
     with safe_open(out, framework="numpy") as f:
         assert list(f.keys()) == [] and f.metadata()["format"] == "unweight"
+        assert f.metadata()[KEY_METADATA_CRC] == "110f209c"  # FORMAT.md's example
 
 
 def test_a_single_shard_is_a_plain_file(tmp_path: Path) -> None:
@@ -214,12 +218,16 @@ def test_writer_refuses_bad_input(tmp_path: Path, path: str, items: list, error:
 # ---------------------------------------------------------------- reading refuses
 
 
-def rewrite_header(path: Path, edit: Callable[[dict], None]) -> None:
-    """Edit a file's safetensors header in place, keeping its data."""
+def rewrite_header(path: Path, edit: Callable[[dict], None], *, resign: bool = True) -> None:
+    """Edit a file's safetensors header in place, keeping its data; with `resign`, the metadata
+    checksum is recomputed as a hand-editor would, so that only the structural checks can notice."""
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + n])
     edit(header)
+    metadata = header.get("__metadata__")
+    if resign and isinstance(metadata, dict) and KEY_METADATA_CRC in metadata:
+        metadata[KEY_METADATA_CRC] = metadata_crc32(metadata)
     encoded = json.dumps(header).encode()
     encoded += b" " * (-len(encoded) % 8)
     path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data[8 + n :])
@@ -294,6 +302,64 @@ def test_unknown_format_or_version(bundle: Path, metadata: dict, error: str) -> 
     rewrite_header(bundle, lambda h: h["__metadata__"].update(metadata))
     with pytest.raises(BundleError, match=error):
         BundleReader(bundle)
+
+
+def test_metadata_checksum_covers_every_entry(tmp_path: Path) -> None:
+    config = json.dumps({"hidden_size": 8, "name": "caf\u00e9"})
+    out = write(tmp_path / "m.unw.safetensors", metadata={KEY_CONFIG: config, "note": "kept"})
+    metadata = read_safetensors_header(out).metadata
+    assert metadata[KEY_METADATA_CRC] == metadata_crc32(metadata)
+    assert KEY_METADATA_CRC not in BundleReader(out).metadata  # a detail of the container
+    for key in sorted(set(metadata) - {KEY_METADATA_CRC, "format", "format_version"}):  # those: checked first
+        rewrite_header(out, lambda h: h["__metadata__"].update({key: h["__metadata__"][key] + " "}), resign=False)
+        with pytest.raises(BundleError, match=rf"{out}: corrupt: __metadata__ fails its CRC '{KEY_METADATA_CRC}' "
+                           rf"\(stored \w+, computed \w+\) over the entries format, format_version, note, "
+                           r"unweight.config, unweight.tensors: the metadata changed after writing"):
+            BundleReader(out)
+        write(out, metadata={KEY_CONFIG: config, "note": "kept"}, overwrite=True)
+
+
+def test_metadata_checksum_serialization() -> None:
+    """FORMAT.md's "Metadata checksum", spelled out: sorted by key, u64 lengths, UTF-8 (a lone surrogate included)."""
+    metadata = {"format": "unweight", "a\u00e9": "\ud800", KEY_METADATA_CRC: "ignored"}
+    serialized = b"".join(
+        len(s).to_bytes(8, "little") + s for s in (b"a\xc3\xa9", b"\xed\xa0\x80", b"format", b"unweight")
+    )
+    assert metadata_crc32(metadata) == f"{zlib.crc32(serialized):08x}"
+
+
+@pytest.mark.parametrize("value", ["", "ABCDEF01", "0123456", 7])
+def test_malformed_metadata_checksum(bundle: Path, value: object) -> None:
+    rewrite_header(bundle, lambda h: h["__metadata__"].update({KEY_METADATA_CRC: value}), resign=False)
+    error = "not a string-to-string map" if not isinstance(value, str) else "must be 8 lower-case hex digits"
+    with pytest.raises(BundleError, match=error):
+        BundleReader(bundle)
+
+
+def test_writer_computes_the_metadata_checksum_itself(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=f"metadata key '{KEY_METADATA_CRC}': keys must be strings other than"):
+        BundleWriter(tmp_path / "m.unw.safetensors", metadata={KEY_METADATA_CRC: "00000000"})
+
+
+def test_bundle_without_metadata_checksum_loads(bundle: Path) -> None:
+    """Bundles written before the checksum existed have none: they load, their metadata unchecked."""
+    def drop_checksum_and_edit(header: dict) -> None:
+        del header["__metadata__"][KEY_METADATA_CRC]
+        header["__metadata__"][KEY_CONFIG] = "{}"
+
+    rewrite_header(bundle, drop_checksum_and_edit)
+    assert BundleReader(bundle).config == {} and len(load_bundle(bundle)) == len(tensors())
+
+
+def test_every_shard_carries_its_metadata_checksum(tmp_path: Path) -> None:
+    index = write(tmp_path / "m.unw.safetensors", max_shard_bytes=2500)
+    shards = sorted(tmp_path.glob("m-*-of-*.unw.safetensors"))
+    for shard in shards:
+        metadata = read_safetensors_header(shard).metadata
+        assert metadata[KEY_METADATA_CRC] == metadata_crc32(metadata)
+    rewrite_header(shards[-1], lambda h: h["__metadata__"].update(extra="x"), resign=False)
+    with pytest.raises(BundleError, match=rf"{shards[-1]}: corrupt: __metadata__ fails its CRC"):
+        BundleReader(index)
 
 
 @pytest.mark.parametrize("part", [*HUFFMAN_PARTS, "raw"])

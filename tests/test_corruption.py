@@ -1,8 +1,9 @@
 """Damaged bundles, systematically: bit flips, truncations and swapped parts of a real bundle.
 
 Every case must end in a `BundleError`/`FormatError` (naming the tensor when the damage is in its
-data) or, where the damage touches only free text the reader does not check (the config, source and
-per-tensor reasons of `__metadata__`), in tensors that read back bit for bit as written.
+data). The one byte range where a flip may pass is the name of the metadata checksum's own key: it
+then becomes an unknown key, the file reads as one written before the checksum existed, and every
+entry and tensor must read back exactly as written.
 """
 
 from __future__ import annotations
@@ -10,14 +11,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
 
 from unweight_jax.bundle import (
     KEY_CONFIG,
+    KEY_METADATA_CRC,
     KEY_REASONS,
     KEY_SOURCE,
+    KEY_TENSORS,
     BundleReader,
     BundleWriter,
     StoredArray,
@@ -48,25 +52,30 @@ class Pristine:
     header_end: int  # where the data region starts
     arrays: dict[str, StoredArray]  # stored array name -> its byte range
     owners: dict[str, str]  # stored array name -> the tensor it belongs to
-    infos: dict[str, object]  # tensor -> its TensorInfo, less the fields a flip may freely change
+    metadata: dict[str, str]  # the reader's view of __metadata__
+    infos: dict[str, object]  # tensor -> its TensorInfo, less its file
     bits: dict[str, bytes]  # tensor -> its decoded bytes
-    free_text: list[range]  # byte ranges of the metadata entries the reader does not check
+    entries: dict[str, tuple[range, range]]  # __metadata__ key -> byte ranges of its key and value, quotes included
 
 
-def _free_text(data: bytes, header_end: int) -> list[range]:
-    """Where the optional config, source and reasons entries (key and value) lie in the header; a
-    flip may turn one into an unknown key, which the reader ignores. The writer's JSON is ASCII."""
+def _metadata_entries(data: bytes, header_end: int) -> dict[str, tuple[range, range]]:
+    """Where each `__metadata__` key and value lies in the file; the writer's JSON is ASCII and compact."""
     text = data[8:header_end].decode("ascii")
-    spans = []
-    for key in (KEY_CONFIG, KEY_SOURCE, KEY_REASONS):
-        start = text.index(json.dumps(key) + ":")
-        _, end = json.decoder.scanstring(text, start + len(json.dumps(key)) + 2)  # past the value's opening quote
-        spans.append(range(8 + start, 8 + end))
-    return spans
+    opening = '"__metadata__":{'
+    position = text.index(opening) + len(opening)
+    entries = {}
+    while text[position] == '"':
+        key, key_end = json.decoder.scanstring(text, position + 1)
+        assert text[key_end] == ":" and text[key_end + 1] == '"'
+        _, value_end = json.decoder.scanstring(text, key_end + 2)
+        entries[key] = (range(8 + position, 8 + key_end), range(8 + key_end + 1, 8 + value_end))
+        position = value_end + (text[value_end] == ",")
+    assert text[position] == "}"
+    return entries
 
 
 def _checked_infos(reader: BundleReader) -> dict[str, object]:
-    return {n: dataclasses.replace(reader.info(n), file=Path(), reason=None) for n in reader.names}
+    return {n: dataclasses.replace(reader.info(n), file=Path()) for n in reader.names}
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +92,20 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Pristine:
             writer.add(name, source.read(name), reason=source.info(name).reason)
     reader = BundleReader(path)
     header = read_safetensors_header(path)
+    header_end = next(iter(header.arrays.values())).begin
     owners = {stored: n for n in reader.names for stored in reader.info(n).stored_names().values()}
+    entries = _metadata_entries(path.read_bytes(), header_end)
+    assert {KEY_CONFIG, KEY_SOURCE, KEY_REASONS, KEY_METADATA_CRC} <= set(entries)
     return Pristine(
         path=path,
         data=path.read_bytes(),
-        header_end=next(iter(header.arrays.values())).begin,
+        header_end=header_end,
         arrays=header.arrays,
         owners=owners,
+        metadata=reader.metadata,
         infos=_checked_infos(reader),
         bits={n: reader.decode(n).tobytes() for n in reader.names},
-        free_text=_free_text(path.read_bytes(), next(iter(header.arrays.values())).begin),
+        entries=entries,
     )
 
 
@@ -140,10 +153,38 @@ def test_every_bit_flip_is_detected_or_harmless(pristine: Pristine, tmp_path: Pa
             reader, bits = _read_all(damaged_path)
         except FormatError:
             continue
-        # Undetected: only unchecked free text may have changed, never a tensor or its description.
-        assert any(position in span for span in pristine.free_text), f"flip at byte {position} went unnoticed"
-        assert _checked_infos(reader) == pristine.infos, f"flip at byte {position} changed a tensor's description"
-        assert bits == pristine.bits, f"flip at byte {position} changed a tensor's values"
+        _assert_harmless(pristine, position, reader, bits)
+
+
+def _assert_harmless(pristine: Pristine, position: int, reader: BundleReader, bits: dict[str, bytes]) -> None:
+    """An undetected flip: only in the checksum's key name, and nothing the reader returns changed."""
+    assert position in pristine.entries[KEY_METADATA_CRC][0], f"flip at byte {position} went unnoticed"
+    assert {k: reader.metadata.get(k) for k in pristine.metadata} == pristine.metadata
+    assert _checked_infos(reader) == pristine.infos, f"flip at byte {position} changed a tensor's description"
+    assert bits == pristine.bits, f"flip at byte {position} changed a tensor's values"
+
+
+def test_every_metadata_byte_flip_is_detected(pristine: Pristine, tmp_path: Path) -> None:
+    """Every byte of every `__metadata__` entry, key and value, the checksum's own key name aside:
+    the free text (config, source, reasons) included, which only the metadata checksum guards. The
+    long tensor list, which the structural checks read too, is sampled."""
+    rng = random.Random(SEED)
+    damaged_path = tmp_path / "meta.unw.safetensors"
+    for key, (key_span, value_span) in pristine.entries.items():
+        positions = [*key_span, *value_span]
+        if key == KEY_TENSORS:
+            positions = rng.sample(positions, 300)
+        for position in positions:
+            damaged = bytearray(pristine.data)
+            damaged[position] ^= 1 << rng.randrange(8)
+            damaged_path.write_bytes(damaged)
+            try:
+                reader = BundleReader(damaged_path)
+            except FormatError as e:
+                if key in (KEY_CONFIG, KEY_SOURCE, KEY_REASONS):  # before, most flips here passed unseen
+                    assert re.search("fails its CRC|is not valid JSON", str(e)), (position, str(e))
+                continue
+            _assert_harmless(pristine, position, reader, {n: reader.decode(n).tobytes() for n in reader.names})
 
 
 def test_truncation_is_detected(pristine: Pristine, tmp_path: Path) -> None:

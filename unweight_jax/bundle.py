@@ -9,7 +9,8 @@ safetensors library does. Complete files are renamed into place at the end, the 
 
 Reading (`BundleReader`) parses every header at open, memory-maps the files, and checks each
 tensor when it is read: its CRCs, then the Huffman table and chunk index. Every failure is a
-`BundleError` naming the file and the tensor.
+`BundleError` naming the file and the tensor. Each file's `__metadata__` carries a CRC of its other
+entries (`unweight.metadata_crc32`), verified at open after the structural checks.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ FORMAT_NAME = "unweight"
 # reader may ignore) maps each tensor of the file to why it was, or was not, compressed.
 KEY_FORMAT, KEY_VERSION, KEY_TENSORS, KEY_REASONS = "format", "format_version", "unweight.tensors", "unweight.reasons"
 KEY_CONFIG, KEY_SOURCE = "unweight.config", "unweight.source"
-_RESERVED_KEYS = frozenset({KEY_FORMAT, KEY_VERSION, KEY_TENSORS, KEY_REASONS})
+# The CRC-32 of every other __metadata__ entry (FORMAT.md section 4, "Metadata checksum"); bundles
+# written before it existed lack it and load unchecked.
+KEY_METADATA_CRC = "unweight.metadata_crc32"
+_RESERVED_KEYS = frozenset({KEY_FORMAT, KEY_VERSION, KEY_TENSORS, KEY_REASONS, KEY_METADATA_CRC})
 
 HUFFMAN_PARTS = ("sm", "words", "chunks", "table")
 
@@ -252,6 +256,41 @@ def _append(stage: IO[bytes], out: IO[bytes]) -> None:
         shutil.copyfileobj(stage, out, 1 << 20)
         out.flush()
     out.seek(0, os.SEEK_END)
+
+
+# ---------------------------------------------------------------- the metadata checksum
+
+
+def metadata_crc32(metadata: Mapping[str, str]) -> str:
+    """The CRC-32 (8 hex digits) of every `__metadata__` entry but the checksum's own (FORMAT.md
+    section 4, "Metadata checksum"): entries sorted by key, each as its key and value, each string
+    a little-endian u64 byte length then its UTF-8 bytes."""
+    serialized = bytearray()
+    entries = sorted((_utf8(k), _utf8(v)) for k, v in metadata.items() if k != KEY_METADATA_CRC)
+    for key, value in entries:
+        for string in (key, value):
+            serialized += len(string).to_bytes(8, "little") + string
+    return f"{zlib.crc32(serialized):08x}"
+
+
+def _utf8(text: str) -> bytes:
+    # A JSON \u escape can decode to a lone surrogate, which strict UTF-8 cannot encode.
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _check_metadata_crc(file: Path, metadata: Mapping[str, str]) -> None:
+    """Refuse a file whose metadata checksum is present and does not match; one without it predates it."""
+    stored = metadata.get(KEY_METADATA_CRC)
+    if stored is None:
+        return
+    if not _CRC_HEX.fullmatch(stored):
+        raise BundleError(f"{file}: corrupt: __metadata__ {KEY_METADATA_CRC!r} must be 8 lower-case hex digits, "
+                          f"found {stored!r}")
+    computed = metadata_crc32(metadata)
+    if computed != stored:
+        covered = ", ".join(sorted(k for k in metadata if k != KEY_METADATA_CRC))
+        raise BundleError(f"{file}: corrupt: __metadata__ fails its CRC {KEY_METADATA_CRC!r} (stored {stored}, "
+                          f"computed {computed}) over the entries {covered}: the metadata changed after writing")
 
 
 # ---------------------------------------------------------------- tensor metadata
@@ -525,6 +564,7 @@ class BundleWriter:
         metadata = {**self._metadata, KEY_TENSORS: json.dumps(self._tensors, separators=(",", ":"))}
         if self._reasons:
             metadata[KEY_REASONS] = json.dumps(self._reasons, separators=(",", ":"))
+        metadata[KEY_METADATA_CRC] = metadata_crc32(metadata)
         self._data_bytes += file.nbytes
         self._finished.append(file.finish(metadata, self.path))
         self._file, self._tensors, self._reasons = None, {}, {}
@@ -590,7 +630,9 @@ class BundleReader:
         if self.index is not None:
             self._check_index()
         first = self._headers[files[0]].metadata
-        self.metadata: dict[str, str] = {k: v for k, v in first.items() if k not in (KEY_TENSORS, KEY_REASONS)}
+        self.metadata: dict[str, str] = {
+            k: v for k, v in first.items() if k not in (KEY_TENSORS, KEY_REASONS, KEY_METADATA_CRC)
+        }
         self.config: dict[str, object] | None = self._json_key(first, KEY_CONFIG)
         self.source: dict[str, object] | None = self._json_key(first, KEY_SOURCE)
 
@@ -687,6 +729,8 @@ class BundleReader:
         unclaimed = [a for a in header.arrays if a not in claimed]
         if unclaimed:
             raise BundleError(f"{file}: array {unclaimed[0]!r} belongs to no tensor of the metadata")
+        # Last, so that damage the checks above can see is reported by them, naming the tensor.
+        _check_metadata_crc(file, metadata)
 
     def _read_index(self, index: Path) -> list[Path]:
         try:
