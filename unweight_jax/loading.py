@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,9 @@ from .models.loading import load_hf, load_llama2c, model_template, populate
 from .pipelines import Plan
 from .sharding import ShardedCompressedLinear, check_mesh, replicate_params
 from .weights import from_huffman
+
+if TYPE_CHECKING:
+    from .layer_plan import LayerPlan
 
 
 def is_bundle(path: str | os.PathLike[str]) -> bool:
@@ -66,14 +69,18 @@ def load_bundle_model(
     dtype: Any = jnp.float32,
     plan: Plan | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    layer_plan: LayerPlan | None = None,
 ) -> Llama:
-    """A Llama whose compressed projections are `CompressedLinear` layers in resident `form`.
+    """A Llama whose compressed projections are `CompressedLinear` layers in resident `form`, or
+    each in the form `layer_plan` gives it (see `unweight_jax.layer_plan`).
 
     Tensors the bundle stores raw fill the model as they are; a compressed tensor that is not a
     projection (an embedding compressed with `--embeddings`) is decoded to bf16 on the host.
     With a `mesh` that has a "tp" axis, the projections are `ShardedCompressedLinear` layers
     (palette form, split over "tp"; see `unweight_jax.sharding`) and the rest is replicated.
     """
+    if layer_plan is not None and (form is not None or mesh is not None):
+        raise ValueError("a layer plan gives each projection its form on one device; give no form or mesh with it")
     if mesh is not None:
         check_mesh(mesh)
         if form not in (None, "palette") or plan is not None:
@@ -91,12 +98,13 @@ def load_bundle_model(
     # the plain parameters that remain.
     plain = []
     for name in reader.names:
-        module_path = _module_path(name)
-        if reader.info(name).encoding == "huffman" and isinstance(_find(model, module_path), Linear):
+        module_path = projection_path(model, reader, name)
+        if module_path is not None:
             parts = reader.read(name)
             _check_shape(model, module_path, name, parts)
             if mesh is None:
-                layer = CompressedLinear(from_huffman(parts, form), dtype=dtype, plan=plan)
+                layer_form = form if layer_plan is None else layer_plan.form(module_path)
+                layer = CompressedLinear(from_huffman(parts, layer_form), dtype=dtype, plan=plan)
             else:
                 layer = ShardedCompressedLinear.from_huffman(parts, module_path=module_path, mesh=mesh, dtype=dtype)
             replace_module(model, module_path, layer)
@@ -106,6 +114,15 @@ def load_bundle_model(
     if mesh is not None:
         replicate_params(model, mesh)
     return model
+
+
+def projection_path(model: Llama, reader: BundleReader, name: str) -> str | None:
+    """The module path of the `Linear` that bundle tensor `name` replaces as a `CompressedLinear`,
+    or None for a tensor that loads as a plain parameter."""
+    module_path = _module_path(name)
+    if reader.info(name).encoding == "huffman" and isinstance(_find(model, module_path), Linear):
+        return module_path
+    return None
 
 
 def _module_path(name: str) -> str:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import CommandError
+
+if TYPE_CHECKING:
+    from ..models.llama import Llama
 
 DTYPES = ("float32", "bfloat16")
 
@@ -43,6 +47,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         type=int,
         metavar="N",
         help="tensor-parallel degree: split the compressed layers of a bundle over the first N devices",
+    )
+    parser.add_argument(
+        "--max-weight-memory",
+        metavar="SIZE",
+        help="bundles: hold all weights in at most SIZE bytes (e.g. 6.5GB, 7GiB) by making layers Huffman-resident "
+        "(hard) in priority order, down projections first; see docs/LAYER_PLAN.md",
     )
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="activation dtype (default float32)")
     parser.add_argument(
@@ -86,7 +96,10 @@ def run(args: argparse.Namespace) -> int:
     dtypes = dict(dtype=getattr(jnp, args.dtype), param_dtype=getattr(jnp, args.param_dtype))
     try:
         mesh = None if args.tp is None else tp_mesh(args.tp)
-        model = load_model(model_path, form=args.form, mesh=mesh, **dtypes)
+        if args.max_weight_memory is not None:
+            model = _load_planned(model_path, args)
+        else:
+            model = load_model(model_path, form=args.form, mesh=mesh, **dtypes)
     except ValueError as e:
         if args.tp is None:
             raise
@@ -121,3 +134,25 @@ def run(args: argparse.Namespace) -> int:
         f"(prefill {result.prefill_seconds * 1e3:.1f} ms, compile {result.compile_seconds:.1f} s)"
     )
     return 0
+
+
+def _load_planned(model_path: Path, args: argparse.Namespace) -> Llama:
+    """The bundle's model with each projection in the form the --max-weight-memory plan gives it."""
+    import jax.numpy as jnp
+
+    from ..layer_plan import bundle_sizes, parse_size, plan_layers
+    from ..loading import is_bundle, load_bundle_model
+
+    if not is_bundle(model_path):
+        raise CommandError(f"--max-weight-memory plans compressed layers; {model_path} is not a bundle")
+    if args.form is not None or args.tp is not None:
+        raise CommandError(
+            "--max-weight-memory chooses each layer's form on one device; give no --form or --tp with it"
+        )
+    try:
+        plan = plan_layers(bundle_sizes(model_path), parse_size(args.max_weight_memory, "--max-weight-memory"))
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    print(f"layer plan: {len(plan.hard)} hard, {len(plan.forms) - len(plan.hard)} easy; "
+          f"weights {plan.total_bytes} bytes, {plan.ratio:.4f} of bf16")
+    return load_bundle_model(model_path, dtype=getattr(jnp, args.dtype), layer_plan=plan)

@@ -128,10 +128,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch", default="1,16,256,2048", help="with --plan: comma-separated batch sizes")
     parser.add_argument("--cache", help="with --plan: the autotune cache file (default: as `unweight tune`)")
     parser.add_argument("--form", help="with --plan: the resident form (default: the one loading picks here)")
+    parser.add_argument(
+        "--layer-plan",
+        action="store_true",
+        help="instead, which layers are hard (Huffman-resident) and easy (palette) to fit --max-weight-memory",
+    )
+    parser.add_argument("--max-weight-memory", metavar="SIZE", help="with --layer-plan: the budget, e.g. 6.5GB or 7GiB")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.layer_plan:
+        print(layer_plan_text(args.bundle, args.max_weight_memory))
+        return 0
     if args.plan:
         print(plan_text(args.bundle, parse_batches(args.batch), args.cache, args.form))
         return 0
@@ -153,6 +162,18 @@ def plan_text(bundle: str, batches: Sequence[int], cache: str | None, form: str 
         rows.append((name, f"{r}x{c}", form, *(plans[b] for b in batches)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def layer_plan_text(bundle: str, max_weight_memory: str | None) -> str:
+    """Per projection, its form and bytes under the budget's layer plan; then the total against bf16."""
+    from ..layer_plan import bundle_sizes, parse_size, plan_layers, plan_table
+
+    if max_weight_memory is None:
+        raise CommandError("--layer-plan needs --max-weight-memory SIZE (e.g. 6.5GB)")
+    try:
+        return plan_table(plan_layers(bundle_sizes(bundle), parse_size(max_weight_memory, "--max-weight-memory")))
+    except ValueError as e:
+        raise CommandError(str(e)) from None
 
 
 def report_text(reader: BundleReader) -> str:
