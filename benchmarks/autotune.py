@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import statistics
 import tempfile
 import time
@@ -30,7 +29,7 @@ from unweight_jax.autotune.key import Case, batch_bucket
 from unweight_jax.autotune.measure import Bench, budget_for
 from unweight_jax.autotune.tuner import candidates_for, plan_of, tune_case
 from unweight_jax.format import DEFAULT_CHUNK_STEPS
-from run_info import run_info
+from run_info import device_tag, run_info
 
 SHAPES = "14336x4096,4096x14336"  # gate/up and down of Llama-3.1-8B
 BATCHES = ",".join(str(1 << k) for k in range(12))  # 1 .. 2048
@@ -101,12 +100,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def device_tag() -> str:
-    kind = jax.devices()[0].device_kind
-    found = re.search(r"[A-Z]\d{2,3}", kind)
-    return found.group(0).lower() if found and jax.devices()[0].platform != "cpu" else jax.devices()[0].platform
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory for the results")
@@ -145,7 +138,7 @@ def main() -> None:
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"autotune-{args.device_tag or device_tag()}"
+    stem = args.out / f"autotune-{args.device_tag or device_tag(jax.devices()[0].device_kind)}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
     stem.with_suffix(".md").write_text(table)

@@ -15,7 +15,7 @@ import pytest
 
 from unweight_jax import codec
 from unweight_jax.bench.decode_step import Case, kv_cache_bytes
-from unweight_jax.bench.run import device_tag
+from unweight_jax.bench.run_info import device_tag
 from unweight_jax.bench.transcode import palette_weight
 from unweight_jax.cli.bench import plan_spec
 from unweight_jax.models.config import LLAMA_3_1_8B

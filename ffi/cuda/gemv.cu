@@ -392,7 +392,7 @@ __device__ __forceinline__ void walk_steps(const Weights& weights, const int64_t
 
 // Shared memory of a block: the partial sums of all warps but the first.
 template <int kValues>
-__host__ __device__ constexpr size_t partial_bytes(int warps) {
+constexpr size_t partial_bytes(int warps) {
   return size_t(warps - 1) * kValues * kLanes * sizeof(float);
 }
 

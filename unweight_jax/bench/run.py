@@ -5,7 +5,6 @@ report after each case (so a run cut short still leaves its results)."""
 from __future__ import annotations
 
 import dataclasses
-import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -50,7 +49,7 @@ from .models import (
 )
 from .plans import chosen_plans, refusal
 from .report import size, write_report
-from .run_info import run_info
+from .run_info import device_tag, run_info
 
 BASELINE = "xla_bf16"
 
@@ -322,8 +321,3 @@ def _config(opts: Options) -> LlamaConfig:
         return LlamaConfig.from_hf(opts.checkpoint)
     return SIZES[opts.size]
 
-
-def device_tag(kind: str) -> str:
-    """A short file-name tag for a device kind: "NVIDIA H100 80GB HBM3" -> "h100", "cpu" -> "cpu"."""
-    found = re.search(r"\b([A-Z]+\d{2,4}[A-Z]?)\b", kind)
-    return (found.group(1) if found else kind.split()[0]).lower()

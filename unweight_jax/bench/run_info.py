@@ -4,6 +4,7 @@ driver, the jax version, the date and the commit measured, one convention for al
 from __future__ import annotations
 
 import datetime
+import re
 import subprocess
 from pathlib import Path
 
@@ -43,3 +44,9 @@ def run_info(benchmark: str, *, commit: str | None = None, device: str | None = 
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit or git_commit(),
     }
+
+
+def device_tag(kind: str) -> str:
+    """A short file-name tag for a device kind: "NVIDIA H100 80GB HBM3" -> "h100", "cpu" -> "cpu"."""
+    found = re.search(r"\b([A-Z]+\d{2,4}[A-Z]?)\b", kind)
+    return (found.group(1) if found else kind.split()[0]).lower()
