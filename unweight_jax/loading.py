@@ -84,7 +84,7 @@ def load_bundle_model(
     if mesh is not None:
         check_mesh(mesh)
         if form not in (None, "palette") or plan is not None:
-            raise ValueError("tensor-parallel layers are palette-resident with their own product; give no form or plan")
+            raise ValueError("tensor-parallel layers are palette-resident and each shard takes the autotuner's plan; give no form or plan")
     form = form or default_form()
     if form not in FORMS:
         raise ValueError(f"unknown resident form {form!r}; expected one of {FORMS}")

@@ -13,13 +13,18 @@ exactly shard i. Shards are re-encoded on the host at load, one tensor at a time
 differs in size between shards; it is zero-padded to the largest, and the padding rows are never
 read (a slot is used only where the escape mask flags the group, and flagged slots index real rows).
 
-The product runs under `shard_map`, decoding the local palette form with plain jnp (exact), so
-it works on any backend; everything outside the projections (norms, embeddings, attention) is
-replicated, and XLA partitions it from the shardings the projections produce.
+The product runs under `shard_map`, each device running the plan the autotuner chooses for its
+shard's shape (`autotune.choose_case`): on a GPU the fused palette GEMV or GEMM on the local
+shard, elsewhere (or when decode + dot wins) the local palette form decoded with plain jnp
+(exact) and XLA's dot. Row-parallel partial products are added in fp32; a fused kernel's partial
+arrives rounded to bf16 (its output type), as in the usual bf16 all-reduce of tensor-parallel
+serving. Everything outside the projections (norms, embeddings, attention) is replicated, and
+XLA partitions it from the shardings the projections produce.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -30,10 +35,12 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import codec
+from . import autotune, codec
 from .format import GROUP, HuffmanParts
+from .autotune.key import Case
 from .layers import CompressedParam
-from .pipelines import join_bf16
+from .ops import gemm, gemv
+from .pipelines import Plan, join_bf16
 from .weights import ESC_WORD_BITS, escape_index
 
 try:  # jax >= 0.7
@@ -162,13 +169,52 @@ def palette_to_bf16(
     return join_bf16(jnp.where(escaped, verbatim, exp), sm)
 
 
-def _local_product(x: jax.Array, w: ShardedPaletteWeight) -> jax.Array:
-    """One device's share of `x @ W.T`: fp32 accumulation as `pipelines.dense`, with the row-parallel
-    partial sums added in fp32 before the cast."""
-    local = palette_to_bf16(*(leaf[0] for leaf in (w.palette, w.idx, w.sm, w.esc_mask, w.esc_prefix, w.esc_exp)))
-    y = lax.dot_general(
-        x, local.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-    )
+@struct.dataclass
+class PaletteShard:
+    """One device's shard of a `ShardedPaletteWeight` inside `shard_map`: the operands the fused
+    palette kernels take (`ops.operands.palette_operands`), `shape` the shard's [rows, cols]."""
+
+    palette: jax.Array
+    idx: jax.Array
+    sm: jax.Array
+    esc_mask: jax.Array
+    esc_prefix: jax.Array
+    esc_exp: jax.Array
+    shape: tuple[int, int] = struct.field(pytree_node=False)
+
+
+_FUSED_PALETTE = {"gemv": gemv.gemv_palette, "gemm": gemm.gemm_palette}
+
+
+def shard_shape(w: ShardedPaletteWeight) -> tuple[int, int]:
+    """[rows, cols] of each device's shard."""
+    rows, cols = w.shape
+    tp = w.palette.shape[0]
+    return (rows // tp, cols) if w.kind == COLUMN else (rows, cols // tp)
+
+
+def shard_plan(w: ShardedPaletteWeight, batch: int, x_dtype: Any) -> Plan:
+    """The plan of every device's shard product at `batch` (all shards share one shape)."""
+    rows, cols = shard_shape(w)
+    case = Case(rows, cols, "palette", np.dtype(x_dtype).name, autotune.batch_bucket(batch))
+    return autotune.choose_case(case, batch)
+
+
+def _local_product(x: jax.Array, w: ShardedPaletteWeight, plan: Plan) -> jax.Array:
+    """One device's share of `x @ W.T` in fp32 (before the row-parallel sum): the plan's fused
+    kernel on the local shard, or the shard decoded with jnp and XLA's dot (`pipelines.dense`)."""
+    leaves = [leaf[0] for leaf in (w.palette, w.idx, w.sm, w.esc_mask, w.esc_prefix, w.esc_exp)]
+    fused = _FUSED_PALETTE.get(plan.kernel) if plan.pipeline == "palette" else None
+    if fused is not None:
+        shard = PaletteShard(*leaves, shape=tuple(leaves[2].shape))
+        lead = x.shape[:-1]
+        y = fused(x.reshape(-1, x.shape[-1]), shard, variant=plan.variant).astype(jnp.float32)
+        y = y.reshape(*lead, y.shape[-1])
+    else:
+        y = lax.dot_general(
+            x, palette_to_bf16(*leaves).astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
     if w.kind == ROW:
         y = lax.psum(y, TP_AXIS)
     return y.astype(x.dtype)
@@ -207,7 +253,11 @@ class ShardedCompressedLinear(nnx.Module):
             raise ValueError(f"x has {x.shape[-1]} features, the weight {w.shape} expects {w.shape[1]}")
         lead = (None,) * (x.ndim - 1)
         x_spec, out_spec = (P(), P(*lead, TP_AXIS)) if w.kind == COLUMN else (P(*lead, TP_AXIS), P())
-        product = shard_map(_local_product, mesh=self.mesh, in_specs=(x_spec, P(TP_AXIS)), out_specs=out_spec)
+        plan = shard_plan(w, int(np.prod(x.shape[:-1])), self.dtype)
+        product = shard_map(
+            functools.partial(_local_product, plan=plan), mesh=self.mesh, in_specs=(x_spec, P(TP_AXIS)),
+            out_specs=out_spec,
+        )
         return product(x.astype(self.dtype), w)
 
 

@@ -24,7 +24,7 @@ from .cache import CACHE_ENV, open_cache, resolve
 from .candidates import FORM_PIPELINES, OWN_PIPELINE, label, static_plan
 from .control import MODE_ENV, MODES, VARIANT_ENV, forced, mode, set_mode
 from .key import Case, batch_bucket, form_of, key_text, this_machine
-from .tuner import candidates_for, choose, entry_plan, forget, plan_of, tune_case
+from .tuner import candidates_for, choose, choose_case, entry_plan, forget, plan_of, tune_case
 
 __all__ = [
     "CACHE_ENV",
@@ -37,6 +37,7 @@ __all__ = [
     "cached_plan",
     "planned",
     "choose",
+    "choose_case",
     "forced",
     "forget",
     "mode",

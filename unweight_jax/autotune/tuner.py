@@ -11,11 +11,10 @@ from pathlib import Path
 
 import jax
 
-from ..format import as_matrix_shape
-from ..pipelines import Plan, pipelines_for
+from ..pipelines import Plan
 from ..weights import CompressedWeight
 from .cache import Entry, PlanCache, forget_open, now_text, open_cache
-from .candidates import OWN_PIPELINE, REFINE_WITHIN, label, prune, runnable, split_passes, static_plan
+from .candidates import FORM_PIPELINES, OWN_PIPELINE, REFINE_WITHIN, label, prune, runnable, split_passes, static_plan
 from .control import current_force, mode
 from .key import Case, key_text, this_machine
 from .measure import Bench, budget_for
@@ -30,12 +29,17 @@ def choose(
 ) -> Plan:
     """The plan for `x[batch, C] @ w.T` with activations of `x_dtype`: forced, else (mode "off")
     static, else cached, else (mode "on", more than one candidate) measured now and cached."""
-    rows, cols = as_matrix_shape(w.shape)
-    allowed = pipelines_for(w)
+    return choose_case(Case.of(w, batch, x_dtype), batch, cache=cache)
+
+
+def choose_case(case: Case, batch: int, *, cache: str | os.PathLike[str] | None = None) -> Plan:
+    """`choose` for a case given without its weight (a weight's shard inside `shard_map`, say);
+    `batch` is the real batch, `case.batch` its bucket."""
+    rows, cols, x_dtype = case.rows, case.cols, case.x_dtype
+    allowed = FORM_PIPELINES[case.form]
     force = current_force()
     if force.plan is not None:
         return force.plan
-    case = Case.of(w, batch, x_dtype)
     own = OWN_PIPELINE[case.form]
     if force:
         pipeline = force.pipeline if force.pipeline in allowed else own

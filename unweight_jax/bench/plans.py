@@ -6,6 +6,7 @@ from ..layers import CompressedLinear
 from ..models.llama import Llama
 from ..ops import gemm, gemv
 from ..pipelines import Plan, default_plan, fused_kernels
+from ..sharding import ShardedCompressedLinear, shard_plan, shard_shape
 from .models import DTYPE, linears
 
 
@@ -25,12 +26,14 @@ def refusal(plan: Plan | None, model: Llama, batch: int) -> str | None:
 
 
 def chosen_plans(model: Llama, batch: int) -> dict[str, str]:
-    """The plan each distinct compressed shape runs at `batch`."""
+    """The plan each distinct compressed shape runs at `batch` (for a tensor-parallel layer, the
+    shape of each device's shard, named "shard RxC")."""
     plans = {}
     for _, layer in linears(model):
         if isinstance(layer, CompressedLinear):
             w = layer.weight.get_value()
             plans.setdefault("x".join(map(str, w.shape)), str(layer.plan or default_plan(w, batch, DTYPE)))
-        elif not plans.get("sharded"):
-            plans["sharded"] = "tensor-parallel shards: jnp palette decode + XLA dot under shard_map"
+        elif isinstance(layer, ShardedCompressedLinear):
+            w = layer.weight.get_value()
+            plans.setdefault("shard " + "x".join(map(str, shard_shape(w))), str(shard_plan(w, batch, DTYPE)))
     return plans

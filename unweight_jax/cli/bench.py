@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"{flag} {path}: no such file or directory")
     if args.tp is not None:  # (jax.devices() takes the GPU: only here, where no PyTorch peer runs before)
         if args.pipeline is not None:
-            raise CommandError("--tp and --pipeline: tensor-parallel layers run their own product; give one of them")
+            raise CommandError("--tp and --pipeline: each tensor-parallel shard takes the autotuner's plan; give one of them")
         if not 1 <= args.tp <= len(jax.devices()):
             raise CommandError(f"--tp {args.tp}: needs between 1 and the {len(jax.devices())} devices present")
     options = Options(

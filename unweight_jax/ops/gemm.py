@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..weights import PaletteWeight
 from . import operands, registry
 
 __all__ = ["VARIANTS", "Variant", "gemm_bf16", "gemm_exponent", "gemm_palette", "splits_for", "supports"]
@@ -82,7 +81,7 @@ def splits_for(rows: int, cols: int, batch: int, variant: int | str = 0) -> int:
     return -(-kblocks // per_split)  # no split left empty
 
 
-def gemm_palette(x: jax.Array, w: PaletteWeight, *, variant: int | str = 0) -> jax.Array:
+def gemm_palette(x: jax.Array, w: operands.PaletteOperands, *, variant: int | str = 0) -> jax.Array:
     """x @ W.T for a palette-resident W (FORMAT.md section 3 with its escape index)."""
     return _run("unweight_gemm_palette", x, *operands.palette_operands(w), variant)
 

@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..format import GROUP
-from ..weights import PaletteWeight
 from . import operands, registry  # noqa: F401  (registry: registers the targets)
 
 __all__ = ["FMA_VARIANTS", "MAX_BATCH", "VARIANTS", "Variant", "gemv_bf16", "gemv_exponent", "gemv_palette", "supports"]
@@ -73,7 +72,7 @@ def supports(rows: int, cols: int, batch: int, variant: int | str = 0) -> bool:
     return rows >= 1 and GROUP <= cols <= max_cols and cols % GROUP == 0 and 1 <= batch <= max_batch and rows < 2**31
 
 
-def gemv_palette(x: jax.Array, w: PaletteWeight, *, variant: int | str = 0) -> jax.Array:
+def gemv_palette(x: jax.Array, w: operands.PaletteOperands, *, variant: int | str = 0) -> jax.Array:
     """x @ W.T for a palette-resident W (FORMAT.md section 3 with its escape index)."""
     return _gemv("unweight_gemv_palette", x, *operands.palette_operands(w), variant)
 

@@ -4,14 +4,27 @@ weight operands, in the same order, and a variant named or numbered in its own t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..format import GROUP, PALETTE_SIZE
-from ..weights import ESC_WORD_BITS, PaletteWeight
+from ..weights import ESC_WORD_BITS
+
+
+class PaletteOperands(Protocol):
+    """What the fused palette kernels read of a weight: a `weights.PaletteWeight`, or one device's
+    shard of a tensor-parallel weight (`sharding.PaletteShard`)."""
+
+    palette: jax.Array  # u8 [16]
+    idx: jax.Array  # u8 [R, C/2]
+    sm: jax.Array  # u8 [R, C]
+    esc_mask: jax.Array  # u32 [R, ceil(G/32)]
+    esc_prefix: jax.Array  # u32 [R, ceil(G/32)]
+    esc_exp: jax.Array  # u8 [escapes, 64]
+    shape: tuple[int, ...]
 
 
 def variant_name(variants: Mapping[str, Any], variant: int | str) -> str | None:
@@ -34,7 +47,7 @@ def check_x(op: str, x: jax.Array, rows: int, cols: int, variants: Mapping[str, 
     return name
 
 
-def palette_operands(w: PaletteWeight) -> tuple[int, int, tuple[jax.Array, ...]]:
+def palette_operands(w: PaletteOperands) -> tuple[int, int, tuple[jax.Array, ...]]:
     """(rows, cols, operands) of a palette-resident W, in the kernels' order: palette, idx, sm,
     esc_mask, esc_prefix, esc_exp (FORMAT.md section 3 with its escape index)."""
     rows, cols = _matrix(w.shape, "w")
