@@ -386,10 +386,9 @@ struct Consumer {
     }
   }
 
-  __device__ __forceinline__ void release(int stage) {
-    __syncwarp();
-    if (lane == 0) mbar_arrive(smem + Cfg::empty_off + 8 * stage);
-  }
+  // Every thread arrives: an arrive releases only the arriving thread's own reads of the stage
+  // (the PTX memory model; compute-sanitizer's racecheck flags a warp released by one lane).
+  __device__ __forceinline__ void release(int stage) { mbar_arrive(smem + Cfg::empty_off + 8 * stage); }
 
   template <int kSet>
   __device__ __forceinline__ void k_block(RingPosition<Cfg::stages>& ring, bool first, int& held, const Rows& rows) {
@@ -511,7 +510,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < Cfg::stages; ++s) {
       // the producer's arrives (one per producer warp for the palette input), plus the copies' bytes
       mbar_init(smem + Cfg::full_off + 8 * s, Cfg::producer_warps);
-      mbar_init(smem + Cfg::empty_off + 8 * s, kConsumerWarpgroups * 4);  // one arrive per consumer warp
+      mbar_init(smem + Cfg::empty_off + 8 * s, kConsumerWarpgroups * kWarpgroupThreads);  // per consumer thread
     }
     fence_mbar_init();
     prefetch_tensormap(&map_x);
