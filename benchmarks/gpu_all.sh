@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-benchmarks/results}")
 mkdir -p "$out"
 export UNWEIGHT_CUDA=ON PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0  # no NVLink multicast: it can take a shared host's GPUs out of service
 export UNWEIGHT_CUDA_ARCHITECTURES=${UNWEIGHT_CUDA_ARCHITECTURES:-90a}
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 
@@ -26,4 +27,7 @@ step mlp_stack python3 benchmarks/mlp_stack.py --out "$out"
 step gemm_shapes python3 benchmarks/gemm_shapes.py --out "$out"
 step autotune python3 benchmarks/autotune.py --out "$out"
 step bench python3 -m unweight_jax.cli bench --out "$out"
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then  # tensor parallelism; NVLink multicast stays off
+  step tensor_parallel python3 benchmarks/tensor_parallel.py --out "$out"
+fi
 exit $status
