@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from unweight_jax import codec
+from unweight_jax.format import HuffmanParts
 from unweight_jax.layers import CompressedLinear
 from unweight_jax.sharding import COLUMN, ROW, ShardedCompressedLinear, shard_plan, tp_mesh
 from unweight_jax.weights import from_huffman
@@ -26,10 +27,10 @@ CONFIG = dict(
 )
 
 
-def _weight(rows: int, cols: int, seed: int = 0):
+def _parts(rows: int, cols: int, seed: int = 0) -> HuffmanParts:
+    """A N(0, 0.02) bf16 weight, Huffman-coded."""
     rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
-    return w, codec.compress(w)
+    return codec.compress((rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16))
 
 
 def _gpus() -> list[jax.Device]:
@@ -39,7 +40,7 @@ def _gpus() -> list[jax.Device]:
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 16, 64])
 def test_a_sharded_layer_lowers_to_the_fused_kernel(batch):
-    _, parts = _weight(1024, 512)
+    parts = _parts(1024, 512)
     layer = ShardedCompressedLinear.from_huffman(parts, module_path="mlp/gate_proj", mesh=tp_mesh(1), dtype=jnp.bfloat16)
     plan = shard_plan(layer.weight.get_value(), batch, jnp.bfloat16)
     assert plan.kernel in ("gemv", "gemm"), plan
@@ -48,18 +49,22 @@ def test_a_sharded_layer_lowers_to_the_fused_kernel(batch):
     assert f"unweight_{plan.kernel}_palette" in hlo
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("kind,path", [(COLUMN, "mlp/up_proj"), (ROW, "mlp/down_proj")])
-@pytest.mark.parametrize("batch", [1, 16])
-def test_a_one_device_sharded_layer_equals_the_one_gpu_layer_bit_for_bit(kind, path, batch):
-    """At degree 1 the shard is the whole weight: same plan, same kernel, same bits."""
-    w, parts = _weight(768, 1024, seed=batch)
-    sharded = ShardedCompressedLinear.from_huffman(parts, module_path=path, mesh=tp_mesh(1), dtype=jnp.bfloat16)
+def _assert_sharded_layer_equals_one_gpu(tp: int, path: str, shape: tuple[int, int], batch: int, seed: int) -> None:
+    parts = _parts(*shape, seed=seed)
+    sharded = ShardedCompressedLinear.from_huffman(parts, module_path=path, mesh=tp_mesh(tp), dtype=jnp.bfloat16)
     plain = CompressedLinear(from_huffman(parts, "palette"), dtype=jnp.bfloat16)
-    x = jnp.asarray(np.random.default_rng(batch).standard_normal((batch, 1024)), jnp.bfloat16)
+    x = jnp.asarray(np.random.default_rng(batch).standard_normal((batch, shape[1])), jnp.bfloat16)
     got = np.asarray(jax.jit(lambda x: sharded(x))(x)).view(np.uint16)
     want = np.asarray(jax.jit(lambda x: plain(x))(x)).view(np.uint16)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["mlp/up_proj", "mlp/down_proj"], ids=[COLUMN, ROW])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_a_one_device_sharded_layer_equals_the_one_gpu_layer_bit_for_bit(path, batch):
+    """At degree 1 the shard is the whole weight: same plan, same kernel, same bits."""
+    _assert_sharded_layer_equals_one_gpu(1, path, (768, 1024), batch, seed=batch)
 
 
 @pytest.mark.gpu
@@ -68,13 +73,7 @@ def test_a_column_parallel_layer_over_two_gpus_equals_one_gpu_bit_for_bit(batch)
     """Each device's rows are whole rows of the weight, reduced over the whole input as on one GPU."""
     if len(_gpus()) < 2:
         pytest.skip("needs two GPUs")
-    w, parts = _weight(2048, 1024, seed=3)
-    sharded = ShardedCompressedLinear.from_huffman(parts, module_path="mlp/up_proj", mesh=tp_mesh(2), dtype=jnp.bfloat16)
-    plain = CompressedLinear(from_huffman(parts, "palette"), dtype=jnp.bfloat16)
-    x = jnp.asarray(np.random.default_rng(batch).standard_normal((batch, 1024)), jnp.bfloat16)
-    got = np.asarray(jax.jit(lambda x: sharded(x))(x)).view(np.uint16)
-    want = np.asarray(jax.jit(lambda x: plain(x))(x)).view(np.uint16)
-    np.testing.assert_array_equal(got, want)
+    _assert_sharded_layer_equals_one_gpu(2, "mlp/up_proj", (2048, 1024), batch, seed=3)
 
 
 @pytest.mark.gpu
