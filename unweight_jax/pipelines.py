@@ -121,7 +121,8 @@ def decompress(w: CompressedWeight) -> jax.Array:
     raise TypeError(f"not a compressed weight: {type(w).__name__}")
 
 
-_FUSED = {
+# kernel family -> (its palette-input op, its exponent-input op)
+FUSED = {
     "gemv": (gemv.gemv_palette, gemv.gemv_exponent),
     "gemm": (gemm.gemm_palette, gemm.gemm_exponent),
 }
@@ -133,7 +134,7 @@ def _run(plan: Plan, x: jax.Array, w: CompressedWeight, rows: int, cols: int) ->
     path on every backend, which is what the autotuner chooses between on the CPU."""
     if plan.pipeline == "full":
         return dense(x, decompress(w))
-    fused_palette, fused_exponent = _FUSED.get(plan.kernel, (None, None))
+    fused_palette, fused_exponent = FUSED.get(plan.kernel, (None, None))
     if plan.pipeline == "exponent":
         exp, sm = _exponent_bytes(w, rows, cols)
         return fused_exponent(x, exp, sm, variant=plan.variant) if fused_exponent else dense(x, join_bf16(exp, sm))

@@ -36,11 +36,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import autotune, codec
-from .format import GROUP, HuffmanParts
 from .autotune.key import Case
+from .format import GROUP, HuffmanParts
 from .layers import CompressedParam
-from .ops import gemm, gemv
-from .pipelines import Plan, join_bf16
+from .pipelines import FUSED, Plan, join_bf16
 from .weights import ESC_WORD_BITS, escape_index
 
 try:  # jax >= 0.7
@@ -183,9 +182,6 @@ class PaletteShard:
     shape: tuple[int, int] = struct.field(pytree_node=False)
 
 
-_FUSED_PALETTE = {"gemv": gemv.gemv_palette, "gemm": gemm.gemm_palette}
-
-
 def shard_shape(w: ShardedPaletteWeight) -> tuple[int, int]:
     """[rows, cols] of each device's shard."""
     rows, cols = w.shape
@@ -204,7 +200,7 @@ def _local_product(x: jax.Array, w: ShardedPaletteWeight, plan: Plan) -> jax.Arr
     """One device's share of `x @ W.T` in fp32 (before the row-parallel sum): the plan's fused
     kernel on the local shard, or the shard decoded with jnp and XLA's dot (`pipelines.dense`)."""
     leaves = [leaf[0] for leaf in (w.palette, w.idx, w.sm, w.esc_mask, w.esc_prefix, w.esc_exp)]
-    fused = _FUSED_PALETTE.get(plan.kernel) if plan.pipeline == "palette" else None
+    fused = FUSED[plan.kernel][0] if plan.pipeline == "palette" and plan.kernel in FUSED else None
     if fused is not None:
         shard = PaletteShard(*leaves, shape=tuple(leaves[2].shape))
         lead = x.shape[:-1]
