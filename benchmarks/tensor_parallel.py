@@ -181,8 +181,7 @@ def scaling(one: dict, many: dict, tp: int) -> tuple[list[dict], list[dict]]:
     degree-tp rows carry the speed-up over degree 1 of each side and the all-reduce time."""
     base = {(r["batch"], r["context"]): r for r in one["rows"]}
     rows = []
-    for r in one["rows"] + many["rows"]:
-        degree = tp if r in many["rows"] else 1
+    for degree, r in [(1, r) for r in one["rows"]] + [(tp, r) for r in many["rows"]]:
         row = {k: r[k] for k in ("batch", "context", "model", "pipeline", "ours_ms", "baseline_ms", "baseline", "ratio",
                                  "tokens_per_s", "baseline_tokens_per_s", "tokens_agree")}
         row["tp"] = degree
