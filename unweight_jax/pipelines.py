@@ -138,7 +138,7 @@ def _run(plan: Plan, x: jax.Array, w: CompressedWeight, rows: int, cols: int) ->
     if plan.pipeline == "exponent":
         exp, sm = _exponent_bytes(w, rows, cols)
         return fused_exponent(x, exp, sm, variant=plan.variant) if fused_exponent else dense(x, join_bf16(exp, sm))
-    palette = w if plan.pipeline == "palette" else _transcoded(w, rows, cols)
+    palette = w if plan.pipeline == "palette" else transcode(w)
     return fused_palette(x, palette, variant=plan.variant) if fused_palette else dense(x, decompress(palette))
 
 
@@ -153,9 +153,10 @@ def _exponent_bytes(w: CompressedWeight, rows: int, cols: int) -> tuple[jax.Arra
     return exp, huff.sm.reshape(rows, cols)
 
 
-def _transcoded(w: TranscodeWeight, rows: int, cols: int) -> PaletteWeight:
+def transcode(w: TranscodeWeight) -> PaletteWeight:
     """The palette form of a transcode-resident weight: the 4-bit indices rebuilt from the Huffman
     stream, the resident palette side tables borrowed."""
+    rows, cols = as_matrix_shape(w.shape)
     huff = w.huffman
     idx = decode.huffman_to_palette(
         huff.words, huff.chunks, huff.lut, w.sym_to_idx, w.esc_groups, shape=(rows, cols), chunk_steps=huff.chunk_steps
