@@ -60,8 +60,9 @@ KiB = 1024
 # device 0; per re-jit RSS -8.7 +- 7.1 KiB, heap +2.9 KiB (jax's: the uncompressed model's re-jits
 # grow the heap as much), device 0. On the GPU jax's own runtime grows the host heap by a few KiB
 # per generation call: on an H100 (jax 0.11.2), 50-token calls of the plain bf16 stories260K grew it
-# by +0.9 and +3.8 KiB per call in two runs, the compressed model by +0.5, +1.6 and +5.3; the heap
-# limit there leaves room for that (a kept KV cache still breaks it forty times over).
+# by +0.9 and +3.8 KiB per call in two runs, the compressed model by +0.5 and +1.6, and by +5.3 in
+# this test on an H200 (benchmarks/results/gpu_tests-session3.log); the heap limit there leaves
+# room for that (a kept KV cache still breaks it forty times over).
 GENERATION_LIMITS = {
     "host RSS": 256 * KiB,
     "host heap": (8 if jax.default_backend() == "gpu" else 4) * KiB,
