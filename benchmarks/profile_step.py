@@ -164,7 +164,7 @@ def main() -> int:
     me = [sys.executable, __file__, *shape]
     wall = json.loads(subprocess.run(
         [*me, "--child", "wall", "--steps", str(args.steps), "--reps", str(args.reps)],
-        check=True, capture_output=True, text=True,
+        check=True, stdout=subprocess.PIPE, text=True,  # the children's stderr is the log
     ).stdout.strip().splitlines()[-1])
     report = {
         **run_info("profile_step", commit=args.commit),
@@ -179,7 +179,7 @@ def main() -> int:
         done = subprocess.run(
             [ncu, "--profile-from-start", "off", "--clock-control", "none", "--metrics", "gpu__time_duration.sum",
              "--csv", *me, "--child", "profile", "--model", model],
-            check=True, capture_output=True, text=True,
+            check=True, stdout=subprocess.PIPE, text=True,  # the children's stderr is the log
         )
         profiles[model] = summarize(kernel_ms(done.stdout))
         profiles[model]["wall_ms"] = wall[model]

@@ -6,7 +6,7 @@ Huffman-resident ("hard", transcode form), run three ways in one process:
 - `easy`: every matrix palette-resident, the plan the hard/easy split is measured against;
 - `inline`: down decodes its 4-bit indices inside its own matmul, on XLA's stream (today's path);
 - `side`: each layer first asks for its down projection's indices from a decode placed on
-  `gpu_stream:1` (`jax.experimental.compute_on`, which XLA turns into an async start/done pair
+  `gpu_stream:1` (`unweight_jax.streams.on_stream`: XLA turns it into an async start/done pair
   on a second stream), then runs gate and up, then down from the decoded indices.
 
 For each: the step time (a fori_loop of steps in one jit, median of calls), the compiled
@@ -27,17 +27,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental.compute_on import compute_on
 
 from unweight_jax.autotune.measure import synthetic_parts
 from unweight_jax.bench.timing import wall_ms
 from unweight_jax.format import DEFAULT_CHUNK_STEPS
-from unweight_jax.pipelines import matmul, transcode
+from unweight_jax.pipelines import matmul, transcode, transcode_indices
+from unweight_jax.streams import on_stream
 from unweight_jax.weights import from_huffman
 from run_info import device_tag, run_info
 
 MODES = ("easy", "inline", "side")
-SIDE_STREAM = "gpu_stream:1"
+SIDE_STREAM = 1  # gpu_stream:1
 
 
 def stack(hidden: int, dim: int, layers: int) -> dict[str, list]:
@@ -58,8 +58,7 @@ def step(mode: str, x: jax.Array, layers: list) -> jax.Array:
     h = x
     for gate, up, down in layers:
         if mode == "side":
-            with compute_on(SIDE_STREAM):
-                down = jax.jit(transcode)(down)
+            down = transcode(down, on_stream(transcode_indices, SIDE_STREAM)(down))
         a = jax.nn.silu(matmul(h, gate).astype(jnp.float32)) * matmul(h, up).astype(jnp.float32)
         y = matmul(a.astype(h.dtype), down).astype(jnp.float32)
         h = (y * lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + 1e-6)).astype(h.dtype)  # stays finite
@@ -93,7 +92,7 @@ def main() -> int:
     }
     for batch in (int(b) for b in args.batches.split(",")):
         x = jax.random.normal(jax.random.key(batch), (batch, dim), jnp.float32).astype(jnp.bfloat16)
-        row = {"batch": batch, "shape": report["shape"], "pipeline": "transcode down on " + SIDE_STREAM,
+        row = {"batch": batch, "shape": report["shape"], "pipeline": f"transcode down on gpu_stream:{SIDE_STREAM}",
                "baseline": "all palette (easy)"}
         for mode in MODES:
             run = program(mode, args.steps)

@@ -25,7 +25,7 @@ from unweight_jax.autotune.key import BUCKET_CAP, Case, batch_bucket, key_text, 
 from unweight_jax.cli import main as cli_main
 from unweight_jax.format import FORMS
 from unweight_jax.layers import CompressedLinear
-from unweight_jax.ops import gemm, gemv
+from unweight_jax.ops import gemm, gemv, registry
 from unweight_jax.pipelines import Plan, dense
 from unweight_jax.weights import from_huffman
 
@@ -63,7 +63,7 @@ def tuning_on():
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """Fused kernels reported as available (their supports() rules apply), as on a Hopper GPU."""
-    monkeypatch.setattr(gemm, "_hopper_available", lambda: True)
+    monkeypatch.setattr(registry, "hopper_available", lambda targets: True)
 
     def fused_kernels(pipeline, rows, cols, batch):
         if pipeline == "full":

@@ -19,13 +19,23 @@ import pytest
 
 from unweight_jax import codec
 from unweight_jax.format import split_bf16
-from unweight_jax.ops import gemv
+from unweight_jax.ops import gemv, registry
 from unweight_jax.weights import PaletteWeight
 
 LLAMA_8B = [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096)]  # gate/up, down, q/o, k/v
 SMALL = [(37, 64), (100, 192), (300, 640), (16, 4096)]  # partial tiles, few steps, leftover steps
-MMA = [name for name in gemv.VARIANTS if name not in gemv.FMA_VARIANTS]
+MMA = [name for name in gemv.VARIANTS if name not in gemv.FMA_VARIANTS + gemv.STREAM_VARIANTS]
 FMA = list(gemv.FMA_VARIANTS)
+STREAM = list(gemv.STREAM_VARIANTS)  # Hopper only
+
+
+def batches_for(variant: str, mma: tuple[int, ...], fma: tuple[int, ...], stream: tuple[int, ...]) -> tuple[int, ...]:
+    return fma if variant in FMA else stream if variant in STREAM else mma
+
+
+def needs_hopper(variant: str) -> None:
+    if variant in STREAM and not any(d.compute_capability == "9.0" for d in jax.devices("gpu")):
+        pytest.skip("the stream variants need a Hopper GPU")
 
 
 def weight_bits(rows: int, cols: int, seed: int, exponent_spread: int = 0) -> np.ndarray:
@@ -130,22 +140,36 @@ def test_fma_llama_shapes(shape: tuple[int, int], batch: int, variant: str) -> N
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", MMA + FMA)
+@pytest.mark.parametrize("variant", STREAM)
+@pytest.mark.parametrize("batch", [1, 5, 9, 16])
+@pytest.mark.parametrize("shape", LLAMA_8B)
+def test_stream_llama_shapes(shape: tuple[int, int], batch: int, variant: str) -> None:
+    """Gate/up: 896 tiles of 16 rows, several per persistent block; down: 28 stages per row."""
+    needs_hopper(variant)
+    check_case(forms(*shape), batch, variant, seed=batch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", MMA + FMA + STREAM)
 @pytest.mark.parametrize("shape", SMALL)
 def test_small_shapes_odd_batches(shape: tuple[int, int], variant: str) -> None:
     """Also the compute-sanitizer set (BUILD.md): the reference is computed on the host."""
-    for batch in (1, 2, 3, 4) if variant in FMA else (1, 2, 3, 7, 8, 9, 15, 16):
+    needs_hopper(variant)
+    for batch in batches_for(variant, (1, 2, 3, 7, 8, 9, 15, 16), (1, 2, 3, 4), (1, 2, 3, 8, 9, 16)):
         check_case(forms(*shape, seed=batch), batch, variant, seed=batch, on_host=True)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", MMA + FMA)
+@pytest.mark.parametrize("variant", MMA + FMA + STREAM)
 @pytest.mark.parametrize("shape", [(4096, 4096), (300, 640)])
 def test_escape_groups_everywhere(shape: tuple[int, int], variant: str) -> None:
+    """The stream kernels hold 2 escape groups of a row per stage and read the others from
+    global memory: here nearly all 8 of every stage are escapes."""
+    needs_hopper(variant)
     f = forms(*shape, seed=7, exponent_spread=24)
     groups = shape[0] * shape[1] // 64
     assert f.palette.esc_exp.shape[0] > 0.9 * groups
-    for batch in (1, 3) if variant in FMA else (1, 7, 16):
+    for batch in batches_for(variant, (1, 7, 16), (1, 3), (1, 7, 16)):
         check_case(f, batch, variant, seed=batch)
 
 
@@ -153,7 +177,8 @@ def test_escape_groups_everywhere(shape: tuple[int, int], variant: str) -> None:
 @pytest.mark.parametrize("seed", [11, 12, 13])
 def test_random_seeds(seed: int) -> None:
     f = forms(1024, 4096, seed=seed)
-    for variant in MMA + FMA:
+    for variant in MMA + FMA + STREAM:
+        needs_hopper(variant)
         check_case(f, 3, variant, seed=seed)
 
 
@@ -193,6 +218,8 @@ def test_supports() -> None:
     assert not gemv.supports(64, 172, 1)  # stories260K's MLP: C not a multiple of 64
     assert not gemv.supports(0, 64, 1)
     assert not gemv.supports(64, 64, 1, "no_such_variant") and not gemv.supports(64, 64, 1, 99)
+    hopper = registry.hopper_available(["unweight_gemv_palette"])
+    assert gemv.supports(4096, 14336, 16, "stream") == hopper and not gemv.supports(4096, 14336, 17, "stream")
 
 
 def test_wrappers_check_their_arguments() -> None:

@@ -153,18 +153,24 @@ def _exponent_bytes(w: CompressedWeight, rows: int, cols: int) -> tuple[jax.Arra
     return exp, huff.sm.reshape(rows, cols)
 
 
-def transcode(w: TranscodeWeight) -> PaletteWeight:
-    """The palette form of a transcode-resident weight: the 4-bit indices rebuilt from the Huffman
-    stream, the resident palette side tables borrowed."""
+def transcode_indices(w: TranscodeWeight) -> jax.Array:
+    """The 4-bit palette indices of a transcode-resident weight, rebuilt from its Huffman stream:
+    the only array `transcode` computes (a side stream decodes just this, issue 12)."""
     rows, cols = as_matrix_shape(w.shape)
     huff = w.huffman
-    idx = decode.huffman_to_palette(
+    return decode.huffman_to_palette(
         huff.words, huff.chunks, huff.lut, w.sym_to_idx, w.esc_groups, shape=(rows, cols), chunk_steps=huff.chunk_steps
     )
+
+
+def transcode(w: TranscodeWeight, idx: jax.Array | None = None) -> PaletteWeight:
+    """The palette form of a transcode-resident weight: its 4-bit indices (`idx`, or rebuilt here
+    from the Huffman stream), the resident palette side tables borrowed."""
+    rows, cols = as_matrix_shape(w.shape)
     return PaletteWeight(
         palette=w.palette,
-        idx=idx,
-        sm=huff.sm.reshape(rows, cols),
+        idx=transcode_indices(w) if idx is None else idx,
+        sm=w.huffman.sm.reshape(rows, cols),
         esc_groups=w.esc_groups,
         esc_mask=w.esc_mask,
         esc_prefix=w.esc_prefix,

@@ -30,14 +30,14 @@
 #include "byte_pack.cuh"
 #include "ffi_support.cuh"
 #include "gemv_fragment.cuh"
+#include "gemv_stream.cuh"
+#include "gemv_weights.cuh"
 #include "unweight/format.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace unweight::cuda {
 namespace {
 
-constexpr int kStepCols = kGroup;  // columns of a row per warp step: one escape group
-constexpr int kLaneCols = 16;      // columns of a row per lane and step
 constexpr int kTileRows = 16;      // rows of an mma tile: lane (g, t) holds rows g and g + 8
 constexpr int kMaxWarps = 8;       // warps per block, splitting the columns of its rows
 constexpr int kMaxBatch = 16;
@@ -54,237 +54,15 @@ enum Variant : int32_t {
   kRows = 6,       // fp32 FMA (batch <= 4), a warp per row along its length, 2 steps in flight
   kRows2 = 7,      // as kRows, a warp per 2 rows sharing x
   kRowsU4 = 8,     // as kRows, 4 steps in flight
+  kStream = 9,     // Hopper: tensor cores fed by bulk copies through 4 shared-memory stages (gemv_stream.cuh)
+  kStreamS3 = 10,  // as kStream, 3 stages (less shared memory per block)
+  kStreamW8 = 11,  // as kStream, 8 consumer warps
 };
-constexpr int32_t kLastVariant = kRowsU4;
+constexpr int32_t kLastVariant = kStreamW8;
 
-constexpr bool is_row_variant(int32_t v) { return v >= kRows; }
+constexpr bool is_row_variant(int32_t v) { return v >= kRows && v <= kRowsU4; }
 constexpr bool is_fma_variant(int32_t v) { return v == kFma || is_row_variant(v); }
-
-// ---- memory access
-
-// The weights are read once per call: they bypass L1 and go first when L2 evicts, which keeps
-// x (read by every block) in both.
-__device__ __forceinline__ uint64_t evict_first_policy() {
-  uint64_t policy;
-  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-  return policy;
-}
-
-__device__ __forceinline__ uint4 load_weights16(const void* p, uint64_t policy) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p), "l"(policy));
-  return v;
-}
-
-__device__ __forceinline__ uint2 load_weights8(const void* p, uint64_t policy) {
-  uint2 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v2.u32 {%0, %1}, [%2], %3;"
-               : "=r"(v.x), "=r"(v.y)
-               : "l"(p), "l"(policy));
-  return v;
-}
-
-// Loads only where `pred` holds, leaving v as it was elsewhere: a predicated load, not a branch
-// (a branch between a chunk's loads and their use lets ptxas sink the loads past it).
-__device__ __forceinline__ void load_weights16_if(bool pred, const void* p, uint64_t policy, uint4& v) {
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %4, 0;\n"
-      " @p ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%5], %6;\n}\n"
-      : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
-      : "r"(int(pred)), "l"(p), "l"(policy));
-}
-
-// ---- register fragments
-
-// Sixteen consecutive columns as eight bf16 pairs: w[2j] = columns (4j, 4j+2), w[2j+1] =
-// (4j+1, 4j+3) (gemv_fragment.cuh).
-struct Pairs {
-  uint32_t w[8];
-};
-
-__device__ __forceinline__ void set_pairs(Pairs& p, int i, gemv::PairWords q) {
-  p.w[2 * i] = q.even;
-  p.w[2 * i + 1] = q.odd;
-}
-
-// From 16 exponent bytes and 16 sign+mantissa bytes.
-__device__ __forceinline__ Pairs join16(uint4 e, uint4 sm) {
-  Pairs p;
-  set_pairs(p, 0, gemv::join_bf16_pairs(e.x, sm.x));
-  set_pairs(p, 1, gemv::join_bf16_pairs(e.y, sm.y));
-  set_pairs(p, 2, gemv::join_bf16_pairs(e.z, sm.z));
-  set_pairs(p, 3, gemv::join_bf16_pairs(e.w, sm.w));
-  return p;
-}
-
-// From 16 plain bf16 values (columns 0-7 in lo, 8-15 in hi).
-__device__ __forceinline__ Pairs pairs16(uint4 lo, uint4 hi) {
-  Pairs p;
-  set_pairs(p, 0, gemv::bf16_pairs(lo.x, lo.y));
-  set_pairs(p, 1, gemv::bf16_pairs(lo.z, lo.w));
-  set_pairs(p, 2, gemv::bf16_pairs(hi.x, hi.y));
-  set_pairs(p, 3, gemv::bf16_pairs(hi.z, hi.w));
-  return p;
-}
-
-__device__ __forceinline__ uint16_t to_bf16(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
-__device__ __forceinline__ float low_bf16(uint32_t pair) { return __uint_as_float(pair << 16); }
-__device__ __forceinline__ float high_bf16(uint32_t pair) { return __uint_as_float(pair & 0xFFFF0000u); }
-
-// d += a * b for one 16x8x16 tile: a = rows (g, g + 8) x k-slots (2t, 2t+1, 2t+8, 2t+9), b = x.
-__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                         uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// 16 values of x (bf16) as pairs; zero for batch rows past the batch.
-__device__ __forceinline__ Pairs load_x16(const uint16_t* p, bool valid) {
-  uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
-  if (valid) {
-    lo = __ldg(reinterpret_cast<const uint4*>(p));
-    hi = __ldg(reinterpret_cast<const uint4*>(p + 8));
-  }
-  return pairs16(lo, hi);
-}
-
-// ---- weight sources: what a lane loads for one row and step, and how it becomes bf16 pairs
-
-// The palette form: 4-bit indices and sign+mantissa bytes, escape groups' exponents verbatim.
-struct PaletteWeights {
-  const uint8_t* palette;
-  const uint8_t* idx;
-  const uint8_t* sm;
-  const uint32_t* esc_mask;
-  const uint32_t* esc_prefix;
-  const uint8_t* esc_exp;
-  int64_t cols;
-  int64_t mask_words;  // esc_mask / esc_prefix words per row
-
-  static constexpr bool kEscapes = true;
-  struct Lane {
-    uint4 sm;
-    uint2 idx;
-  };
-  struct Table {
-    uint4 palette;  // the 16 exponents, one per byte: looked up with PRMT
-  };
-
-  __device__ Table table() const { return {__ldg(reinterpret_cast<const uint4*>(palette))}; }
-
-  __device__ Lane load(int64_t row, int64_t col, uint64_t policy) const {
-    const int64_t at = row * cols + col;
-    return {load_weights16(sm + at, policy), load_weights8(idx + at / 2, policy)};
-  }
-
-  // One row's escape groups among the N steps of a chunk.
-  struct Escapes {
-    uint32_t steps;   // bit u: step step0 + u is an escape group
-    uint32_t mask;    // the row's escape mask word holding those steps
-    uint32_t prefix;  // and its prefix
-    uint4 first;      // this lane's 16 verbatim exponents of the first of them
-  };
-
-  // The row's escape mask word over `step`, and its prefix: loaded before the weights, so that
-  // the exponents of an escape group can be fetched right after them.
-  __device__ uint2 escape_words(int64_t row, int step) const {
-    const int64_t at = row * mask_words + step / kEscWordBits;
-    return make_uint2(__ldg(esc_mask + at), __ldg(esc_prefix + at));
-  }
-
-  __device__ const uint8_t* group_exponents(const Escapes& esc, int step, int t) const {
-    return esc_exp + int64_t(escape_slot(esc.mask, esc.prefix, step % kEscWordBits)) * kGroup + kLaneCols * t;
-  }
-
-  // Escape groups are rare (0.3 to 1.7 % of groups on real weights), two of a row in one chunk
-  // rarer still: the first one's exponents are fetched right after the chunk's weights.
-  template <int N>
-  __device__ Escapes escapes(uint2 words, int step0, int t, uint64_t policy) const {
-    Escapes esc{(words.x >> (step0 % kEscWordBits)) & ((1u << N) - 1u), words.x, words.y, make_uint4(0, 0, 0, 0)};
-    const int first = esc.steps ? __ffs(esc.steps) - 1 : 0;
-    load_weights16_if(esc.steps != 0, group_exponents(esc, step0 + first, t), policy, esc.first);
-    return esc;
-  }
-
-  __device__ Pairs rebuild(const Lane& lane, const Table& table, const Escapes& esc, int step0, int u, int t,
-                           uint64_t policy) const {
-    uint4 e = make_uint4(palette_lookup4(lane.idx.x, table.palette), palette_lookup4(lane.idx.x >> 16, table.palette),
-                         palette_lookup4(lane.idx.y, table.palette), palette_lookup4(lane.idx.y >> 16, table.palette));
-    const bool escaped = (esc.steps >> u) & 1u;
-    const bool first = escaped && (esc.steps & ((1u << u) - 1u)) == 0;
-    if (first) e = esc.first;
-    // A second escape group of the row in one chunk (~1e-4 of chunks): fetched here, stalling.
-    load_weights16_if(escaped && !first, group_exponents(esc, step0 + u, t), policy, e);
-    return join16(e, lane.sm);
-  }
-
-  // For the row kernel: `verbatim` holds the lane's 16 exponents where its group is an escape.
-  __device__ Pairs rebuild_lane(const Lane& lane, const Table& table, bool escaped, uint4 verbatim) const {
-    uint4 e = make_uint4(palette_lookup4(lane.idx.x, table.palette), palette_lookup4(lane.idx.x >> 16, table.palette),
-                         palette_lookup4(lane.idx.y, table.palette), palette_lookup4(lane.idx.y >> 16, table.palette));
-    if (escaped) e = verbatim;
-    return join16(e, lane.sm);
-  }
-};
-
-// Exponent bytes beside sign+mantissa bytes (the `exponent` pipeline).
-struct ExponentWeights {
-  const uint8_t* exp;
-  const uint8_t* sm;
-  int64_t cols;
-
-  static constexpr bool kEscapes = false;
-  struct Lane {
-    uint4 exp;
-    uint4 sm;
-  };
-  struct Table {};
-
-  __device__ Table table() const { return {}; }
-
-  __device__ Lane load(int64_t row, int64_t col, uint64_t policy) const {
-    const int64_t at = row * cols + col;
-    return {load_weights16(exp + at, policy), load_weights16(sm + at, policy)};
-  }
-
-  struct Escapes {};
-
-  __device__ Pairs rebuild(const Lane& lane, const Table&, const Escapes&, int, int, int, uint64_t) const {
-    return join16(lane.exp, lane.sm);
-  }
-  __device__ Pairs rebuild_lane(const Lane& lane, const Table&, bool, uint4) const { return join16(lane.exp, lane.sm); }
-};
-
-// Plain bf16: the twin.
-struct Bf16Weights {
-  const uint16_t* w;
-  int64_t cols;
-
-  static constexpr bool kEscapes = false;
-  struct Lane {
-    uint4 lo;
-    uint4 hi;
-  };
-  struct Table {};
-
-  __device__ Table table() const { return {}; }
-
-  __device__ Lane load(int64_t row, int64_t col, uint64_t policy) const {
-    const uint16_t* p = w + row * cols + col;
-    return {load_weights16(p, policy), load_weights16(p + 8, policy)};
-  }
-
-  struct Escapes {};
-
-  __device__ Pairs rebuild(const Lane& lane, const Table&, const Escapes&, int, int, int, uint64_t) const {
-    return pairs16(lane.lo, lane.hi);
-  }
-  __device__ Pairs rebuild_lane(const Lane& lane, const Table&, bool, uint4) const { return pairs16(lane.lo, lane.hi); }
-};
+constexpr bool is_stream_variant(int32_t v) { return v >= kStream; }
 
 // ---- the warp's walk over its steps, shared by both kernels
 
@@ -808,6 +586,10 @@ void launch(const Weights& weights, const Problem& p, int32_t variant, cudaStrea
     case kRows: return launch_rows_batch<Weights, 1, 2>(weights, p, stream);
     case kRows2: return launch_rows_batch<Weights, 2, 2>(weights, p, stream);
     case kRowsU4: return launch_rows_batch<Weights, 1, 4>(weights, p, stream);
+    //                                        consumer warps  stages
+    case kStream: return launch_stream<Weights, 4, 4>(weights, p.x, p.y, p.batch, p.rows, p.cols, stream);
+    case kStreamS3: return launch_stream<Weights, 4, 3>(weights, p.x, p.y, p.batch, p.rows, p.cols, stream);
+    case kStreamW8: return launch_stream<Weights, 8, 4>(weights, p.x, p.y, p.batch, p.rows, p.cols, stream);
   }
 }
 
@@ -852,6 +634,16 @@ ffi::Error check_problem(const char* op, ffi::Buffer<ffi::BF16> x, ffi::Span<con
   }
   if (is_fma_variant(variant) && batch > kMaxFmaBatch) {
     return invalid_argument(op, "the fma variants take batches up to 4, got " + std::to_string(batch));
+  }
+  if (is_stream_variant(variant)) {
+    int device = 0, major = 0, minor = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    if (major != 9 || minor != 0) {
+      return invalid_argument(op, "the stream variants need a Hopper GPU (sm_90a); this device is sm_" +
+                                      std::to_string(major) + std::to_string(minor));
+    }
   }
   if (is_row_variant(variant) && cols > kRowMaxCols) {
     return invalid_argument(op, "the rows variants take C up to " + std::to_string(kRowMaxCols) + ", got " +

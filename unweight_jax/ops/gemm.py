@@ -26,7 +26,6 @@ adds them in split order, so results never depend on scheduling, and fused and t
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -63,7 +62,7 @@ _TARGETS = ("unweight_gemm_palette", "unweight_gemm_exponent", "unweight_gemm_bf
 def supports(rows: int, cols: int, batch: int, variant: int | str = 0) -> bool:
     """Whether the GEMM kernel `variant` takes y[batch, rows] = x[batch, cols] @ W[rows, cols].T
     here: a Hopper GPU, the CUDA build, rows a multiple of 128 and cols a multiple of 64."""
-    return operands.variant_name(VARIANTS, variant) is not None and _shape_ok(rows, cols, batch) and _hopper_available()
+    return operands.variant_name(VARIANTS, variant) is not None and _shape_ok(rows, cols, batch) and registry.hopper_available(_TARGETS)
 
 
 def splits_for(rows: int, cols: int, batch: int, variant: int | str = 0) -> int:
@@ -119,16 +118,5 @@ def _run(target: str, x: jax.Array, rows: int, cols: int, weight: tuple[jax.Arra
 def _shape_ok(rows: int, cols: int, batch: int) -> bool:
     return rows >= TILE_M and rows % TILE_M == 0 and cols >= TILE_K and cols % TILE_K == 0 and 1 <= batch < 2**30
 
-
-@functools.cache
-def _hopper_available() -> bool:
-    if not set(_TARGETS) <= registry.CUDA_TARGETS:
-        return False
-    try:
-        gpus = jax.devices("gpu")
-    except RuntimeError:
-        return False
-    # The kernels are built for sm_90a, which runs on compute capability 9.0 exactly.
-    return bool(gpus) and all(getattr(d, "compute_capability", None) == "9.0" for d in gpus)
 
 

@@ -19,9 +19,14 @@ The `variant` attribute picks the compiled kernel:
 | rows | 6 | fp32 FMA (batch <= 4), one warp per row along its whole length, lanes side by side (each load of a warp is 512 consecutive bytes of a row), 2 steps of 512 columns in flight; C <= 65536 |
 | rows2 | 7 | as rows, a warp per 2 rows sharing the reads of x |
 | rows_u4 | 8 | as rows, 4 steps in flight |
+| stream | 9 | Hopper, tensor cores: a persistent block of a producer warp and 4 consumer warps; the producer moves tiles of 16 rows x 512 columns into a ring of 4 shared-memory stages with bulk copies (cp.async.bulk), each consumer warp rebuilds 2 of a stage's 8 groups of 64 columns and multiplies them with mma.sync |
+| stream_s3 | 10 | as stream, 3 stages: less shared memory per block, more resident blocks |
+| stream_w8 | 11 | as stream, 8 consumer warps of one group each |
 
 In the mma and fma variants the warps of a block split the columns of its rows and the grid is
-sized so that every block is resident at once; the rows variants give each warp whole rows.
+sized so that every block is resident at once; the rows variants give each warp whole rows. The
+register kernels keep their loads in flight in registers, which caps the loads in flight per SM;
+the stream variants keep them in flight in shared memory instead (gemv_stream.cuh says why).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import numpy as np
 from ..format import GROUP
 from . import operands, registry  # noqa: F401  (registry: registers the targets)
 
-__all__ = ["FMA_VARIANTS", "MAX_BATCH", "VARIANTS", "Variant", "gemv_bf16", "gemv_exponent", "gemv_palette", "supports"]
+__all__ = ["FMA_VARIANTS", "MAX_BATCH", "STREAM_VARIANTS", "VARIANTS", "Variant", "gemv_bf16", "gemv_exponent", "gemv_palette", "supports"]
 
 MAX_BATCH = 16
 FMA_MAX_BATCH = 4
@@ -56,9 +61,14 @@ VARIANTS: dict[str, Variant] = {
     "rows": Variant(6, "fp32 FMA, batch <= 4, a warp per row along its length, 2 steps in flight"),
     "rows2": Variant(7, "as rows, a warp per 2 rows"),
     "rows_u4": Variant(8, "as rows, 4 steps in flight"),
+    "stream": Variant(9, "Hopper, tensor cores fed by bulk copies through 4 shared-memory stages of 16 rows"),
+    "stream_s3": Variant(10, "as stream, 3 stages (more resident blocks)"),
+    "stream_w8": Variant(11, "as stream, 8 consumer warps of one group of 64 columns each"),
 }
 ROW_VARIANTS = ("rows", "rows2", "rows_u4")
 FMA_VARIANTS = ("fma", *ROW_VARIANTS)
+STREAM_VARIANTS = ("stream", "stream_s3", "stream_w8")
+_TARGETS = ("unweight_gemv_palette", "unweight_gemv_exponent", "unweight_gemv_bf16")
 ROW_MAX_COLS = 32 * 32 * GROUP  # a row's escape mask words, one per lane
 
 
@@ -67,9 +77,15 @@ def supports(rows: int, cols: int, batch: int, variant: int | str = 0) -> bool:
     name = operands.variant_name(VARIANTS, variant)
     if name is None:
         return False
-    max_batch = FMA_MAX_BATCH if name in FMA_VARIANTS else MAX_BATCH
+    if name in STREAM_VARIANTS and not registry.hopper_available(_TARGETS):
+        return False
+    max_batch = _max_batch(name)
     max_cols = ROW_MAX_COLS if name in ROW_VARIANTS else 2**31 - 1
     return rows >= 1 and GROUP <= cols <= max_cols and cols % GROUP == 0 and 1 <= batch <= max_batch and rows < 2**31
+
+
+def _max_batch(name: str) -> int:
+    return FMA_MAX_BATCH if name in FMA_VARIANTS else MAX_BATCH
 
 
 def gemv_palette(x: jax.Array, w: operands.PaletteOperands, *, variant: int | str = 0) -> jax.Array:
@@ -93,7 +109,8 @@ def _gemv(target: str, x: jax.Array, rows: int, cols: int, weight: tuple[jax.Arr
     if not supports(rows, cols, batch, name):
         raise ValueError(
             f"{target}: variant {name!r} does not take batch {batch} with a weight [{rows}, {cols}] "
-            f"(batch 1-{FMA_MAX_BATCH if name in FMA_VARIANTS else MAX_BATCH}, C a positive multiple of {GROUP})"
+            f"(batch 1-{_max_batch(name)}, C a positive multiple of {GROUP}"
+            + (", a Hopper GPU)" if name in STREAM_VARIANTS else ")")
         )
     # vmap over a batch of weights runs one GEMV per element.
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((batch, rows), jnp.bfloat16), vmap_method="sequential")

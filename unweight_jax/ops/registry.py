@@ -7,7 +7,8 @@ compiles for, so an op module calls `jax.ffi.ffi_call(name, ...)` and nothing el
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import jax
@@ -31,3 +32,18 @@ else:
     # Registering does not start a backend (jax queues it for the CUDA platform), so a machine
     # without a GPU imports this module unchanged; the handlers run only on a CUDA device.
     CUDA_TARGETS = _register(_cuda.registrations(), "CUDA")
+
+
+@functools.cache
+def _hopper_gpus() -> bool:
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        return False
+    # Kernels built for sm_90a run on compute capability 9.0 exactly.
+    return bool(gpus) and all(getattr(d, "compute_capability", None) == "9.0" for d in gpus)
+
+
+def hopper_available(targets: Collection[str]) -> bool:
+    """Whether the CUDA handlers `targets` are registered and every GPU is a Hopper (sm_90a) one."""
+    return set(targets) <= CUDA_TARGETS and _hopper_gpus()
