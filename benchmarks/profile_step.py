@@ -10,9 +10,11 @@ show which work is slower.
     python3 benchmarks/profile_step.py --out DIR [--layers 4] [--batch 1]   # on a GPU machine with ncu
 
 writes DIR/profile_step-<device>.{json,md}. It runs itself three times: once for the wall times,
-then once per model under `ncu --profile-from-start off`, where the model's step runs once between
-cuProfilerStart and cuProfilerStop. The model is the Llama-3.1-8B configuration with --layers
-layers (each layer does the full model's work; the LM head is the full one).
+then once per model under `ncu --profile-from-start off`, where the same compiled program of
+--steps steps runs once between cuProfilerStart and cuProfilerStop (kernel times are per step).
+The three processes share a JAX compilation cache and the autotune cache, so that XLA's slow
+autotuning of the bf16 model happens once. The model is the Llama-3.1-8B configuration with
+--layers layers (each layer does the full model's work; the LM head is the full one).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,7 +37,7 @@ MODELS = ("bf16", "ours")
 UNITS = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}
 # Kernel families, first match wins; the rest are XLA's own fusions and copies.
 FAMILIES = [
-    ("ours: palette GEMV", r"gemv_(mma|fma|rows)"),
+    ("ours: palette GEMV", r"gemv_(mma|fma|rows|stream)"),
     ("ours: palette GEMM", r"gemm_sm90|sum_splits"),
     ("ours: decoders", r"huffman_decode|palette_(any|even)_cols|escape_groups"),
     ("cuBLAS / cuBLASLt GEMM", r"nvjet|sm90_xmma|gemm|gemv|cutlass|cublas"),
@@ -66,18 +70,20 @@ def kernel_ms(csv_text: str) -> list[tuple[str, float]]:
     return rows
 
 
-def summarize(launches: list[tuple[str, float]]) -> dict:
+def summarize(launches: list[tuple[str, float]], steps: int) -> dict:
+    """Per step: launches and ms in all, by family and for the 15 costliest kernels."""
     by_family: dict[str, list[float]] = defaultdict(list)
     by_kernel: dict[str, list[float]] = defaultdict(list)
     for name, ms in launches:
         by_family[family(name)].append(ms)
         by_kernel[name[:120]].append(ms)
     top = sorted(by_kernel.items(), key=lambda kv: -sum(kv[1]))[:15]
+    per_step = lambda v: {"launches": round(len(v) / steps, 2), "ms": round(sum(v) / steps, 4)}
     return {
-        "kernels": len(launches),
-        "kernel_ms": round(sum(ms for _, ms in launches), 4),
-        "families": {f: {"launches": len(v), "ms": round(sum(v), 4)} for f, v in sorted(by_family.items())},
-        "top_kernels": [{"kernel": k, "launches": len(v), "ms": round(sum(v), 4)} for k, v in top],
+        "kernels": round(len(launches) / steps, 2),
+        "kernel_ms": round(sum(ms for _, ms in launches) / steps, 4),
+        "families": {f: per_step(v) for f, v in sorted(by_family.items())},
+        "top_kernels": [{"kernel": k, **per_step(v)} for k, v in top],
     }
 
 
@@ -122,7 +128,7 @@ def child_profile(args: argparse.Namespace) -> None:
     import jax
     from flax import nnx
 
-    net, compiled, cache, tokens = build(args.model, args.layers, args.batch, args.context, 1)
+    net, compiled, cache, tokens = build(args.model, args.layers, args.batch, args.context, args.steps)
     state = nnx.state(net)
     cache, chosen = compiled(state, cache, tokens)  # warm-up: the first call's own work is not a step's
     jax.block_until_ready(chosen)
@@ -161,17 +167,25 @@ def main() -> int:
     from run_info import device_tag, run_info
 
     shape = ["--layers", str(args.layers), "--batch", str(args.batch), "--context", str(args.context)]
-    me = [sys.executable, __file__, *shape]
+    me = [sys.executable, __file__, *shape, "--steps", str(args.steps)]
+    shared = Path(tempfile.mkdtemp(prefix="profile_step-"))
+    env = {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": str(shared / "jax"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "UNWEIGHT_AUTOTUNE_CACHE": str(shared / "autotune.json"),
+    }
     wall = json.loads(subprocess.run(
-        [*me, "--child", "wall", "--steps", str(args.steps), "--reps", str(args.reps)],
-        check=True, stdout=subprocess.PIPE, text=True,  # the children's stderr is the log
+        [*me, "--child", "wall", "--reps", str(args.reps)],
+        check=True, stdout=subprocess.PIPE, text=True, env=env,  # the children's stderr is the log
     ).stdout.strip().splitlines()[-1])
     report = {
         **run_info("profile_step", commit=args.commit),
         "model": f"llama3.1-8b configuration, {args.layers} layers",
         "batch": args.batch,
         "context": args.context,
-        "method": "wall: median of fori_loop calls as unweight bench; kernels: ncu gpu__time_duration.sum of one step",
+        "method": f"wall: median of fori_loop calls of {args.steps} steps as unweight bench; kernels: ncu gpu__time_duration.sum over one such call, per step",
         "rows": [],
     }
     profiles = {}
@@ -179,9 +193,9 @@ def main() -> int:
         done = subprocess.run(
             [ncu, "--profile-from-start", "off", "--clock-control", "none", "--metrics", "gpu__time_duration.sum",
              "--csv", *me, "--child", "profile", "--model", model],
-            check=True, stdout=subprocess.PIPE, text=True,  # the children's stderr is the log
+            check=True, stdout=subprocess.PIPE, text=True, env=env,
         )
-        profiles[model] = summarize(kernel_ms(done.stdout))
+        profiles[model] = summarize(kernel_ms(done.stdout), args.steps)
         profiles[model]["wall_ms"] = wall[model]
     report["profiles"] = profiles
     report["rows"] = [{
