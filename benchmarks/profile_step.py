@@ -34,7 +34,7 @@ from collections import defaultdict
 from pathlib import Path
 
 MODELS = ("bf16", "ours")
-UNITS = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}
+UNITS = {"nsecond": 1e-6, "ns": 1e-6, "usecond": 1e-3, "us": 1e-3, "msecond": 1.0, "ms": 1.0, "second": 1e3, "s": 1e3}
 # Kernel families, first match wins; the rest are XLA's own fusions and copies.
 FAMILIES = [
     ("ours: palette GEMV", r"gemv_(mma|fma|rows|stream)"),
