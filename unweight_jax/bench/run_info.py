@@ -4,6 +4,7 @@ driver, the jax version, the date and the commit measured, one convention for al
 from __future__ import annotations
 
 import datetime
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -35,8 +36,9 @@ def gpu_driver() -> str | None:
 
 
 def run_info(benchmark: str, *, commit: str | None = None, device: str | None = None) -> dict[str, str | None]:
-    """The leading fields of a result file; `device` defaults to jax's first device."""
-    return {
+    """The leading fields of a result file; `device` defaults to jax's first device. XLA_FLAGS,
+    where set, is recorded: it can change both sides of a comparison."""
+    info = {
         "benchmark": benchmark,
         "device": device or jax.devices()[0].device_kind,
         "driver": gpu_driver(),
@@ -44,6 +46,9 @@ def run_info(benchmark: str, *, commit: str | None = None, device: str | None = 
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit or git_commit(),
     }
+    if os.environ.get("XLA_FLAGS"):
+        info["xla_flags"] = os.environ["XLA_FLAGS"]
+    return info
 
 
 def device_tag(kind: str) -> str:
