@@ -3,8 +3,11 @@
 `on_stream(fn)` marks one call of `fn` with XLA's stream annotation (`gpu_stream:N`, through
 `jax.experimental.compute_on`): XLA's GPU compiler runs it as an async start/done pair on stream N
 and owns the synchronisation and the lifetime of its outputs. Other backends ignore the
-annotation and run `fn` in line. jax changed `compute_on` from a context manager to a function
-wrapper (0.10: `compute_on2`, 0.11: `compute_on`); both are accepted.
+annotation and run `fn` in line. The XLA of jaxlib 0.11.2 refuses to compile it on the GPU
+(`No ExecutionStreamId found for call-start`; docs/LAYER_PLAN.md), so nothing in the library
+uses it yet: benchmarks/side_stream.py and tests/test_streams.py watch for that to change.
+jax changed `compute_on` from a context manager to a function wrapper (0.10: `compute_on2`,
+0.11: `compute_on`); both are accepted.
 """
 
 from __future__ import annotations
