@@ -117,6 +117,3 @@ def _run(target: str, x: jax.Array, rows: int, cols: int, weight: tuple[jax.Arra
 
 def _shape_ok(rows: int, cols: int, batch: int) -> bool:
     return rows >= TILE_M and rows % TILE_M == 0 and cols >= TILE_K and cols % TILE_K == 0 and 1 <= batch < 2**30
-
-
-
