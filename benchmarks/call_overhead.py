@@ -10,7 +10,7 @@ so the two parts are separated, and with --trace records one call of each model 
 profiler (CUPTI) and summarizes its timeline: the costliest host events, the kernels' busy time
 against their span, and the largest gaps between kernels with the kernels on either side.
 
-    python3 benchmarks/call_overhead.py --out DIR [--size 8b] [--layers 32] [--batch 1] [--steps 2 8 32] [--trace]
+    python3 benchmarks/call_overhead.py --out DIR [--size 8b] [--layers 32] [--batch 1] [--steps 2 8 32] [--args leaves|state] [--trace]
 
 writes DIR/call_overhead-<device>.{json,md}. The model is the Llama-3.1-8B configuration (or
 --size tiny) with --layers layers and generated weights; the compressed one runs its autotuned plans.
@@ -30,10 +30,21 @@ from collections import defaultdict
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
 from flax import nnx
 
-from unweight_jax.bench.decode_step import Case, Placement, filled_cache, lower_step, start_tokens
+from unweight_jax.bench.decode_step import (
+    Case,
+    Placement,
+    _decode_steps,
+    cache_spec,
+    filled_cache,
+    lower_step,
+    start_tokens,
+    state_leaves,
+)
 from unweight_jax.bench.models import SIZE_NAMES, SIZES, compress_model, random_model
 from unweight_jax.bench.plans import chosen_plans
 from unweight_jax.bench.run_info import device_tag, run_info
@@ -41,9 +52,30 @@ from unweight_jax.bench.run_info import device_tag, run_info
 GAP_US = 2.0  # kernel-to-kernel gaps below this are launch latency inside a graph, not counted as gaps
 
 
-def time_calls(compiled, model, cache, tokens, reps: int) -> tuple[dict, object]:
+def _steps_taking_state(graphdef, state, cache, tokens, *, context: int, steps: int):
+    leaves, treedef = jax.tree.flatten(state)
+    return _decode_steps(graphdef, treedef, leaves, cache, tokens, context=context, steps=steps)
+
+
+# `unweight bench`'s call before it took the state as flat arrays: the nnx state tree as an argument.
+steps_taking_state = jax.jit(_steps_taking_state, static_argnums=(0,), static_argnames=("context", "steps"), donate_argnums=(2,))
+
+
+def compile_step(model, case: Case, steps: int, placement: Placement, args: str):
+    if args == "leaves":
+        return lower_step(model, case, steps, placement).compile()
+    graphdef, state = nnx.split(model)
+    tokens = jax.ShapeDtypeStruct((case.batch,), jnp.int32)
+    return steps_taking_state.lower(graphdef, state, cache_spec(model.config, case, steps, placement), tokens,
+                                    context=case.context, steps=steps).compile()
+
+
+def call_args(model, args: str):
+    return state_leaves(model)[2] if args == "leaves" else nnx.state(model)
+
+
+def time_calls(compiled, state, cache, tokens, reps: int) -> tuple[dict, object]:
     """Median dispatch time (until the call returns) and call time (until its result is ready), ms."""
-    state = nnx.state(model)
     cache, chosen = compiled(state, cache, tokens)
     jax.block_until_ready(chosen)
     dispatch, total = [], []
@@ -106,8 +138,7 @@ def timeline(xplane: str) -> dict:
     }
 
 
-def trace_call(compiled, model, cache, tokens, workdir: str) -> tuple[dict, object]:
-    state = nnx.state(model)
+def trace_call(compiled, state, cache, tokens, workdir: str) -> tuple[dict, object]:
     with jax.profiler.trace(workdir):
         cache, chosen = compiled(state, cache, tokens)
         jax.block_until_ready(chosen)
@@ -123,7 +154,8 @@ def write_markdown(report: dict, path: Path) -> None:
         f"context {report['context']}, {report['device']}",
         "",
         f"`benchmarks/call_overhead.py`, {report['date']}, commit `{report['commit']}`, jax {report['jax_version']}. "
-        f"Median of {report['reps']} calls per step count; dispatch: until the call returns; call: until its result is ready.",
+        f"Median of {report['reps']} calls per step count; dispatch: until the call returns; call: until its result is ready. "
+        f"The model's state is passed as {'its flat arrays' if report['args'] == 'leaves' else 'the nnx state tree'}.",
         "",
         "| model | steps | dispatch ms | call ms | ms per step |",
         "|---|---|---|---|---|",
@@ -156,6 +188,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trace", action="store_true", help="profile one call of the largest step count per model")
+    parser.add_argument("--args", choices=("leaves", "state"), default="leaves",
+                        help="pass the model as its flat state arrays (as unweight bench does) or as the nnx state tree")
     parser.add_argument("--commit", help="the commit measured, where the checkout has no .git")
     args = parser.parse_args()
 
@@ -165,15 +199,15 @@ def main() -> None:
     models = {"bf16": bf16, "ours": compress_model(bf16, None)}
     case, placement = Case(args.batch, args.context), Placement()
     report = {**run_info("call_overhead", commit=args.commit), "model": f"{SIZE_NAMES[args.size]}, {config.n_layers} layers",
-              "batch": args.batch, "context": args.context, "reps": args.reps,
+              "batch": args.batch, "context": args.context, "reps": args.reps, "args": args.args,
               "plans": chosen_plans(models["ours"], args.batch), "calls": [], "rows": []}
     tokens = start_tokens(config, case, args.seed + 1, placement)
     compiled_last = {}
     for steps in args.steps:
         cache = filled_cache(config, case, steps, args.seed, placement)
         for label, model in models.items():
-            compiled = lower_step(model, case, steps, placement).compile()
-            timing, cache = time_calls(compiled, model, cache, tokens, args.reps)
+            compiled = compile_step(model, case, steps, placement, args.args)
+            timing, cache = time_calls(compiled, call_args(model, args.args), cache, tokens, args.reps)
             report["calls"].append({"model": label, "steps": steps, **{k: round(v, 4) for k, v in timing.items()}})
             print(f"{label:5s} steps {steps:3d}: dispatch {timing['dispatch_ms']:.3f} ms, call {timing['call_ms']:.3f} ms", flush=True)
             compiled_last[label] = compiled
@@ -196,7 +230,8 @@ def main() -> None:
         report["trace"] = {}
         for label, model in models.items():
             with tempfile.TemporaryDirectory() as workdir:
-                report["trace"][label], last_cache = trace_call(compiled_last[label], model, last_cache, tokens, workdir)
+                report["trace"][label], last_cache = trace_call(compiled_last[label], call_args(model, args.args), last_cache,
+                                                                tokens, workdir)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"call_overhead-{device_tag(report['device'])}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")

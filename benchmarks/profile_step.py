@@ -126,15 +126,16 @@ def child_profile(args: argparse.Namespace) -> None:
     import ctypes
 
     import jax
-    from flax import nnx
+
+    from unweight_jax.bench.decode_step import state_leaves
 
     net, compiled, cache, tokens = build(args.model, args.layers, args.batch, args.context, args.steps)
-    state = nnx.state(net)
-    cache, chosen = compiled(state, cache, tokens)  # warm-up: the first call's own work is not a step's
+    _, _, leaves = state_leaves(net)
+    cache, chosen = compiled(leaves, cache, tokens)  # warm-up: the first call's own work is not a step's
     jax.block_until_ready(chosen)
     libcuda = ctypes.CDLL("libcuda.so.1")
     libcuda.cuProfilerStart()
-    cache, chosen = compiled(state, cache, tokens)
+    cache, chosen = compiled(leaves, cache, tokens)
     jax.block_until_ready(chosen)
     libcuda.cuProfilerStop()
 

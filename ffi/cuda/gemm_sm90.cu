@@ -3,13 +3,10 @@
 // from plain bf16 (the twin that proves the other two lossless: same kernel, same order of
 // operations, so the outputs must agree bit for bit).
 //
-// Per call the host encodes the TMA tensor maps (cuTensorMapEncodeTiled, reached through
-// cudaGetDriverEntryPointByVersion: nothing links libcuda), checks every argument, and launches
+// Per call the host encodes the TMA tensor maps (tma_map.cuh), checks every argument, and launches
 // a persistent grid of one CTA per SM. With split-K (`splits` > 1, chosen by the Python wrapper)
 // the kernel writes fp32 partials to the second result and a second kernel sums them in split
 // order, so the result does not depend on scheduling.
-#include <cuda.h>
-#include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -18,6 +15,7 @@
 
 #include "ffi_support.cuh"
 #include "gemm_sm90_kernel.cuh"
+#include "tma_map.cuh"
 #include "unweight/format.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -50,42 +48,6 @@ struct VariantShape {
 };
 constexpr VariantShape kVariants[] = {{256, 4}, {128, 6}, {256, 3}, {64, 8}};
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
-
-using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;
-
-EncodeTiled tensor_map_encoder() {
-  static const EncodeTiled encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    const cudaError_t err =
-        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found);
-    return (err == cudaSuccess && found == cudaDriverEntryPointSuccess) ? reinterpret_cast<EncodeTiled>(fn) : nullptr;
-  }();
-  return encode;
-}
-
-// A 2-D row-major tensor [outer, inner] read in boxes of [box_outer, box_inner]; boxes that hang
-// over the edge (the batch tail of x) are filled with zeros.
-ffi::Error encode_map(const char* op, const char* what, CUtensorMap* map, CUtensorMapDataType type, int elem_bytes,
-                      const void* base, int64_t inner, int64_t outer, int box_inner, int box_outer,
-                      CUtensorMapSwizzle swizzle) {
-  const EncodeTiled encode = tensor_map_encoder();
-  if (encode == nullptr) {
-    return ffi::Error::Internal(std::string(op) + ": the CUDA driver has no cuTensorMapEncodeTiled (TMA)");
-  }
-  const cuuint64_t dims[2] = {cuuint64_t(inner), cuuint64_t(outer)};
-  const cuuint64_t strides[1] = {cuuint64_t(inner) * elem_bytes};
-  const cuuint32_t box[2] = {cuuint32_t(box_inner), cuuint32_t(box_outer)};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult r = encode(map, type, 2, const_cast<void*>(base), dims, strides, box, element_strides,
-                            CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) {
-    return ffi::Error::Internal(std::string(op) + ": cuTensorMapEncodeTiled failed for " + what + " (CUresult " +
-                                std::to_string(int(r)) + ")");
-  }
-  return ffi::Error::Success();
-}
 
 struct TensorMaps {
   CUtensorMap x, w, sm;

@@ -574,23 +574,24 @@ void launch_rows_batch(const Weights& weights, const Problem& p, cudaStream_t st
 // MINB: blocks of 8 warps per SM that the registers must allow (2: at most 128 registers).
 //                                                          rows/16  U  ACC  MINB
 template <class Weights>
-void launch(const Weights& weights, const Problem& p, int32_t variant, cudaStream_t stream) {
+ffi::Error launch(const char* op, const Weights& weights, const Problem& p, int32_t variant, cudaStream_t stream) {
   switch (variant) {
-    case kMma: return launch_mma_batch<Weights, 1, 4, 1>(weights, p, stream);
-    case kMmaRows32: return launch_mma_batch<Weights, 2, 2, 1>(weights, p, stream);
-    case kMmaAcc4: return launch_mma_batch<Weights, 1, 4, 4>(weights, p, stream);
-    case kMmaU2Acc4: return launch_mma_batch<Weights, 1, 2, 4>(weights, p, stream);
-    case kMmaU1: return launch_mma_batch<Weights, 1, 1, 4, 2>(weights, p, stream);
-    case kFma: return launch_fma_batch<Weights>(weights, p, stream);
-    //                                              rows per warp  steps in flight
-    case kRows: return launch_rows_batch<Weights, 1, 2>(weights, p, stream);
-    case kRows2: return launch_rows_batch<Weights, 2, 2>(weights, p, stream);
-    case kRowsU4: return launch_rows_batch<Weights, 1, 4>(weights, p, stream);
-    //                                        consumer warps  stages
-    case kStream: return launch_stream<Weights, 4, 4>(weights, p.x, p.y, p.batch, p.rows, p.cols, stream);
-    case kStreamS3: return launch_stream<Weights, 4, 3>(weights, p.x, p.y, p.batch, p.rows, p.cols, stream);
-    case kStreamW8: return launch_stream<Weights, 8, 4>(weights, p.x, p.y, p.batch, p.rows, p.cols, stream);
+    case kMma: launch_mma_batch<Weights, 1, 4, 1>(weights, p, stream); break;
+    case kMmaRows32: launch_mma_batch<Weights, 2, 2, 1>(weights, p, stream); break;
+    case kMmaAcc4: launch_mma_batch<Weights, 1, 4, 4>(weights, p, stream); break;
+    case kMmaU2Acc4: launch_mma_batch<Weights, 1, 2, 4>(weights, p, stream); break;
+    case kMmaU1: launch_mma_batch<Weights, 1, 1, 4, 2>(weights, p, stream); break;
+    case kFma: launch_fma_batch<Weights>(weights, p, stream); break;
+    //                                       rows per warp  steps in flight
+    case kRows: launch_rows_batch<Weights, 1, 2>(weights, p, stream); break;
+    case kRows2: launch_rows_batch<Weights, 2, 2>(weights, p, stream); break;
+    case kRowsU4: launch_rows_batch<Weights, 1, 4>(weights, p, stream); break;
+    //                                           consumer warps  stages
+    case kStream: return launch_stream<Weights, 4, 4>(op, weights, p.x, p.y, p.batch, p.rows, p.cols, stream);
+    case kStreamS3: return launch_stream<Weights, 4, 3>(op, weights, p.x, p.y, p.batch, p.rows, p.cols, stream);
+    case kStreamW8: return launch_stream<Weights, 8, 4>(op, weights, p.x, p.y, p.batch, p.rows, p.cols, stream);
   }
+  return ffi::Error::Success();
 }
 
 // ---- argument checks shared by the three handlers
@@ -695,7 +696,7 @@ ffi::Error GemvPalette(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffe
   if (rows == 0) return ffi::Error::Success();
   const PaletteWeights weights{palette.typed_data(),    idx.typed_data(),     sm.typed_data(), esc_mask.typed_data(),
                                esc_prefix.typed_data(), esc_exp.typed_data(), cols,            words};
-  launch(weights, p, variant, stream);
+  if (auto err = launch(op, weights, p, variant, stream); err.failure()) return err;
   return launch_status(op);
 }
 
@@ -711,7 +712,10 @@ ffi::Error GemvExponent(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buff
     return invalid_argument(op, "exp and sm must be 16-byte aligned");
   }
   if (p.rows == 0) return ffi::Error::Success();
-  launch(ExponentWeights{exp.typed_data(), sm.typed_data(), p.cols}, p, variant, stream);
+  if (auto err = launch(op, ExponentWeights{exp.typed_data(), sm.typed_data(), p.cols}, p, variant, stream);
+      err.failure()) {
+    return err;
+  }
   return launch_status(op);
 }
 
@@ -722,7 +726,7 @@ ffi::Error GemvBf16(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffer<f
   if (auto err = check_problem(op, x, w.dimensions(), y, variant, p); err.failure()) return err;
   if (!is_aligned16(w.untyped_data())) return invalid_argument(op, "w must be 16-byte aligned");
   if (p.rows == 0) return ffi::Error::Success();
-  launch(Bf16Weights{w.typed_data(), p.cols}, p, variant, stream);
+  if (auto err = launch(op, Bf16Weights{w.typed_data(), p.cols}, p, variant, stream); err.failure()) return err;
   return launch_status(op);
 }
 

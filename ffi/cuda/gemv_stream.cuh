@@ -1,28 +1,28 @@
 // The streaming GEMV (Hopper): y[B, R] = x[B, C] @ W[R, C]^T for batches up to 16, the weight
-// moved by bulk copies (cp.async.bulk, the TMA engine's 1-D form) through a ring of stages in
-// shared memory, multiplied on the tensor cores (mma.sync m16n8k16, fp32 accumulation), y rounded
-// to bf16. Included by gemv.cu only.
+// moved by TMA (cp.async.bulk.tensor, 2-D boxes) through a ring of stages in shared memory,
+// multiplied on the tensor cores (mma.sync m16n8k16, fp32 accumulation), y rounded to bf16.
+// Included by gemv.cu only.
 //
 // Why: the register-streaming kernels of gemv.cu hold their loads in flight in registers, which
 // caps their occupancy (mma_acc4: 242 registers, 12.5 %); here one producer warp asks for a
-// whole stage with a few bulk copies, which need no registers to be in flight, and the consumer
-// warps only read shared memory and compute. Measured at batch 1 under Nsight Compute
-// (benchmarks/results/gemv_stream_profile-h100.txt), the number of bulk copies, not bytes, sets
-// its pace: with stages of 512 columns the 8B gate matrix took 50.7 us, with 1024 columns (this
-// file) 42.7 us, against 41.3 us for gemv.cu's rows2; on the down matrix 40.6 us against 39.5.
-// The bf16 twin streams at 77-83 % of DRAM peak either way, the palette form at 54-67 %. In the
-// MLP stack it is the fastest kernel at batches 2 to 8 (mlp_stack-h100-stream).
+// whole stage with a few copies, which need no registers to be in flight, and the consumer warps
+// only read shared memory and compute. The number of copies, not their bytes, set the pace of
+// the first version (one 1-D bulk copy per row and array, 32 per stage; under Nsight Compute on
+// the 8B gate matrix at batch 1, benchmarks/results/gemv_stream_profile-h100.txt: 42.7 us against
+// 41.3 us for gemv.cu's rows2), so a stage is now one 2-D box per array: 16 rows x 1 KB.
 //
 // Work split. A block is persistent: it takes tiles of 16 rows (tile, tile + grid, ...). A stage
-// holds kStreamCols columns (16 escape groups) of the tile's 16 rows; producer lane r copies row
-// r's bytes of them (sign+mantissa, then indices, for the palette form), its first kStageEscapes
-// escape groups' exponents (the consumers read any others from global memory) and writes a
-// header: the stage's escape bits of the row and the esc_exp slot of its first escape. Consumer
-// warp w takes steps (groups of 64 columns) [w 16 / W, (w + 1) 16 / W) of every stage with the
-// lane layout of gemv.cu's mma kernel: lane (g, t) rebuilds columns [16 t, 16 t + 16) of the step
-// for rows g and g + 8 and feeds them to four mma with x read straight from global memory (L1).
-// Rows are padded in shared memory (kRowPitch = 64 mod 128) so that those reads are free of bank
-// conflicts. At the end of a tile the warps' partial sums are added in warp order.
+// holds kStreamCols columns (16 escape groups) of the tile's 16 rows: producer lane 0 loads the
+// boxes (sign+mantissa bytes and indices, for the palette form); producer lane r copies its row's
+// first kStageEscapes escape groups' exponents (the consumers read any others from global memory)
+// and writes a header: the stage's escape bits of the row and the esc_exp slot of its first
+// escape. Consumer warp w takes steps (groups of 64 columns) [w 16 / W, (w + 1) 16 / W) of every
+// stage with the lane layout of gemv.cu's mma kernel: lane (g, t) rebuilds columns [16 t, 16 t +
+// 16) of the step for rows g and g + 8 and feeds them to four mma with x read straight from
+// global memory (L1). The boxes land dense, rows 1 KB (indices: 512 B) apart, so rows g and g + 1
+// read the same banks: a 2-way conflict (4-way for the indices), which costs shared-memory cycles
+// the kernel has to spare at HBM speed. At the end of a tile the warps' partial sums are added in
+// warp order.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -32,6 +32,7 @@
 #include "ffi_support.cuh"
 #include "gemm_sm90_ptx.cuh"
 #include "gemv_weights.cuh"
+#include "tma_map.cuh"
 #include "unweight/format.h"
 
 namespace unweight::cuda {
@@ -39,6 +40,7 @@ namespace {
 
 constexpr int kStreamCols = 1024;  // columns of a stage: 16 escape groups
 constexpr int kStreamGroups = kStreamCols / kGroup;
+constexpr int kStreamRows = 16;  // rows of a tile: the mma's M
 constexpr int kStageEscapes = 2;  // escape groups of a row held in a stage (real weights: 0.05 to 0.3)
 static_assert(kEscWordBits % kStreamGroups == 0, "a stage's groups must lie in one escape mask word");
 
@@ -51,31 +53,58 @@ __device__ __forceinline__ void bulk_load_hinted(uint32_t dst, const void* src, 
       "l"(src), "r"(bytes), "r"(bar), "l"(policy)
       : "memory");
 }
+// One box of a 2-D tensor map (c0: the inner coordinate, in elements), with an L2 cache policy.
+__device__ __forceinline__ void tma_load_2d_hinted(uint32_t dst, const CUtensorMap* map, int32_t c0, int32_t c1,
+                                                   uint32_t bar, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "l"(policy)
+      : "memory");
+}
 __device__ __forceinline__ void sts64(uint32_t addr, uint32_t a, uint32_t b) {
   asm volatile("st.shared.v2.b32 [%0], {%1, %2};" ::"r"(addr), "r"(a), "r"(b) : "memory");
 }
 #endif
 
-// What a stage holds of one row in each resident form (kBytes, at most kStreamCols columns, rows
-// kRowPitch apart), how the producer copies it and how a consumer lane reads its 16 weights from
-// column `col` (a multiple of 16) as the form's Lane, which Weights::rebuild_lane turns into pairs.
+// The tensor maps of a call: the weight's one or two arrays, each read in boxes of kStreamRows
+// rows by kStreamCols columns (viewed as u32, so that a box row can be 1 KB).
+struct StreamMaps {
+  CUtensorMap a, b;
+};
+
+// What a stage holds of a tile in each resident form (kBytes per row: the form's arrays one after
+// the other, each [kStreamRows][its bytes per row], dense as the TMA writes them), how the
+// producer loads it (one box per array, the whole tile stage in two copies) and how a consumer
+// lane reads row r's 16 weights from column `col` (a multiple of 16) as the form's Lane, which
+// Weights::rebuild_lane turns into pairs. Boxes hanging over the last row or column are filled
+// with zeros; those rows are never stored and those columns never multiplied.
 template <class Weights>
 struct StreamRow;
 
 template <>
 struct StreamRow<PaletteWeights> {
   static constexpr int kBytes = kStreamCols + kStreamCols / 2;  // sign+mantissa bytes, then indices
-  static constexpr int kRowPitch = kBytes + 64;
-#if UW_SM90A
-  __device__ static void copy(const PaletteWeights& w, uint32_t dst, int64_t row, int64_t c0, int n, uint32_t bar,
-                              uint64_t policy) {
-    const int64_t at = row * w.cols + c0;
-    sm90::mbar_expect_tx(bar, n + n / 2);
-    bulk_load_hinted(dst, w.sm + at, n, bar, policy);
-    bulk_load_hinted(dst + kStreamCols, w.idx + at / 2, n / 2, bar, policy);
+  static constexpr int kIdxOff = kStreamRows * kStreamCols;
+  static constexpr int kMaps = 2;
+  static ffi::Error encode(const char* op, const PaletteWeights& w, int64_t rows, StreamMaps& maps) {
+    if (auto err = encode_map(op, "sm", &maps.a, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, w.sm, w.cols / 4, rows,
+                              kStreamCols / 4, kStreamRows, CU_TENSOR_MAP_SWIZZLE_NONE);
+        err.failure()) {
+      return err;
+    }
+    return encode_map(op, "idx", &maps.b, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, w.idx, w.cols / 8, rows, kStreamCols / 8,
+                      kStreamRows, CU_TENSOR_MAP_SWIZZLE_NONE);
   }
-  __device__ static PaletteWeights::Lane read(uint32_t src, int col) {
-    return {sm90::lds128(src + col), sm90::lds64(src + kStreamCols + col / 2)};
+#if UW_SM90A
+  __device__ static void load(const StreamMaps& maps, uint32_t stage, int row0, int c0, int cols, uint32_t bar,
+                              uint64_t policy) {
+    sm90::mbar_expect_tx(bar, kStreamRows * kBytes);
+    tma_load_2d_hinted(stage, &maps.a, c0 / 4, row0, bar, policy);
+    tma_load_2d_hinted(stage + kIdxOff, &maps.b, c0 / 8, row0, bar, policy);
+  }
+  __device__ static PaletteWeights::Lane read(uint32_t stage, int r, int col) {
+    return {sm90::lds128(stage + r * kStreamCols + col), sm90::lds64(stage + kIdxOff + r * (kStreamCols / 2) + col / 2)};
   }
 #endif
 };
@@ -83,46 +112,66 @@ struct StreamRow<PaletteWeights> {
 template <>
 struct StreamRow<ExponentWeights> {
   static constexpr int kBytes = 2 * kStreamCols;  // exponent bytes, then sign+mantissa bytes
-  static constexpr int kRowPitch = kBytes + 64;
-#if UW_SM90A
-  __device__ static void copy(const ExponentWeights& w, uint32_t dst, int64_t row, int64_t c0, int n, uint32_t bar,
-                              uint64_t policy) {
-    const int64_t at = row * w.cols + c0;
-    sm90::mbar_expect_tx(bar, 2 * n);
-    bulk_load_hinted(dst, w.exp + at, n, bar, policy);
-    bulk_load_hinted(dst + kStreamCols, w.sm + at, n, bar, policy);
+  static constexpr int kSmOff = kStreamRows * kStreamCols;
+  static constexpr int kMaps = 2;
+  static ffi::Error encode(const char* op, const ExponentWeights& w, int64_t rows, StreamMaps& maps) {
+    if (auto err = encode_map(op, "exp", &maps.a, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, w.exp, w.cols / 4, rows,
+                              kStreamCols / 4, kStreamRows, CU_TENSOR_MAP_SWIZZLE_NONE);
+        err.failure()) {
+      return err;
+    }
+    return encode_map(op, "sm", &maps.b, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, w.sm, w.cols / 4, rows, kStreamCols / 4,
+                      kStreamRows, CU_TENSOR_MAP_SWIZZLE_NONE);
   }
-  __device__ static ExponentWeights::Lane read(uint32_t src, int col) {
-    return {sm90::lds128(src + col), sm90::lds128(src + kStreamCols + col)};
+#if UW_SM90A
+  __device__ static void load(const StreamMaps& maps, uint32_t stage, int row0, int c0, int cols, uint32_t bar,
+                              uint64_t policy) {
+    sm90::mbar_expect_tx(bar, kStreamRows * kBytes);
+    tma_load_2d_hinted(stage, &maps.a, c0 / 4, row0, bar, policy);
+    tma_load_2d_hinted(stage + kSmOff, &maps.b, c0 / 4, row0, bar, policy);
+  }
+  __device__ static ExponentWeights::Lane read(uint32_t stage, int r, int col) {
+    return {sm90::lds128(stage + r * kStreamCols + col), sm90::lds128(stage + kSmOff + r * kStreamCols + col)};
   }
 #endif
 };
 
+// The bf16 twin: a box row holds 512 columns (1 KB), so a stage is two boxes, [16][512] each; the
+// second is left out where the row ends before it.
 template <>
 struct StreamRow<Bf16Weights> {
-  static constexpr int kBytes = 2 * kStreamCols;  // the bf16 values
-  static constexpr int kRowPitch = kBytes + 64;
-#if UW_SM90A
-  __device__ static void copy(const Bf16Weights& w, uint32_t dst, int64_t row, int64_t c0, int n, uint32_t bar,
-                              uint64_t policy) {
-    sm90::mbar_expect_tx(bar, 2 * n);
-    bulk_load_hinted(dst, w.w + row * w.cols + c0, 2 * n, bar, policy);
+  static constexpr int kBytes = 2 * kStreamCols;
+  static constexpr int kHalfCols = kStreamCols / 2;
+  static constexpr int kHalfOff = kStreamRows * kStreamCols;
+  static constexpr int kMaps = 1;
+  static ffi::Error encode(const char* op, const Bf16Weights& w, int64_t rows, StreamMaps& maps) {
+    return encode_map(op, "w", &maps.a, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, w.w, w.cols / 2, rows, kHalfCols / 2,
+                      kStreamRows, CU_TENSOR_MAP_SWIZZLE_NONE);
   }
-  // The lane's 16 columns are 32 contiguous bytes; its reads conflict two ways (only the twin pays).
-  __device__ static Bf16Weights::Lane read(uint32_t src, int col) {
-    return {sm90::lds128(src + 2 * col), sm90::lds128(src + 2 * col + 16)};
+#if UW_SM90A
+  __device__ static void load(const StreamMaps& maps, uint32_t stage, int row0, int c0, int cols, uint32_t bar,
+                              uint64_t policy) {
+    const bool second = c0 + kHalfCols < cols;
+    sm90::mbar_expect_tx(bar, (second ? 2 : 1) * kHalfOff);
+    tma_load_2d_hinted(stage, &maps.a, c0 / 2, row0, bar, policy);
+    if (second) tma_load_2d_hinted(stage + kHalfOff, &maps.a, (c0 + kHalfCols) / 2, row0, bar, policy);
+  }
+  __device__ static Bf16Weights::Lane read(uint32_t stage, int r, int col) {
+    const int half = col / kHalfCols;
+    const uint32_t at = stage + half * kHalfOff + r * kStreamCols + 2 * (col - half * kHalfCols);
+    return {sm90::lds128(at), sm90::lds128(at + 16)};
   }
 #endif
 };
 
-// Shared memory of one block: S stages of [16 rows][kRowPitch], then (palette form) the escape
+// Shared memory of one block: S stages of [16 rows][kBytes], then (palette form) the escape
 // slots [16][kStageEscapes][64] and the headers [16] x {escape bits, first slot}; then the
 // consumer warps' partial sums (two tiles' worth, so that a tile's can be written while warp 0
 // still adds the previous one's); then the S "full" and S "empty" mbarriers.
 template <class Weights, int NT, int W, int S>
 struct StreamLayout {
-  static constexpr int kRows = 16;  // rows of a tile: the mma's M
-  static constexpr int kEscOff = kRows * StreamRow<Weights>::kRowPitch;
+  static constexpr int kRows = kStreamRows;
+  static constexpr int kEscOff = kRows * StreamRow<Weights>::kBytes;
   static constexpr int kHeaderOff = kEscOff + (Weights::kEscapes ? kRows * kStageEscapes * kGroup : 0);
   static constexpr int kStageBytes = (kHeaderOff + (Weights::kEscapes ? kRows * 8 : 0) + 127) / 128 * 128;
   static constexpr int kValues = NT * 4;  // a lane's sums: 4 per tile of 8 batch rows
@@ -133,7 +182,6 @@ struct StreamLayout {
   static constexpr int kThreads = (W + 1) * kLanes;  // W consumer warps and the producer warp
   static constexpr int kStageSteps = kStreamGroups / W;  // steps of 64 columns per consumer warp and stage
   static_assert(kStreamGroups % W == 0, "the consumer warps split a stage's steps evenly");
-  static_assert(StreamRow<Weights>::kRowPitch % 128 == 64, "rows g and g + 1 in opposite halves of the banks");
 };
 
 template <int S>
@@ -152,7 +200,8 @@ struct StreamRing {
 // Producer lane `lane` < kRows: for each tile, row tile * kRows + lane, stage by stage. The
 // escape mask word of the next 4 stages is loaded 4 stages before it is needed.
 template <class Weights, int NT, int W, int S>
-__device__ __forceinline__ void stream_produce(const Weights& weights, uint32_t smem, int lane, int rows, int cols) {
+__device__ __forceinline__ void stream_produce(const Weights& weights, const StreamMaps& maps, uint32_t smem, int lane,
+                                               int rows, int cols) {
   using L = StreamLayout<Weights, NT, W, S>;
   const int tiles = (rows + L::kRows - 1) / L::kRows, stages = (cols + kStreamCols - 1) / kStreamCols;
   const uint64_t policy = evict_first_policy();
@@ -169,8 +218,8 @@ __device__ __forceinline__ void stream_produce(const Weights& weights, uint32_t 
       const uint32_t stage = smem + ring.stage * L::kStageBytes;
       const uint32_t full = smem + L::kBarOff + 8 * ring.stage, empty = full + 8 * S;
       sm90::mbar_wait(empty, ring.phase ^ 1);
-      const int c0 = s * kStreamCols, n = min(kStreamCols, cols - c0);
-      const uint32_t dst = stage + lane * StreamRow<Weights>::kRowPitch;
+      const int c0 = s * kStreamCols;
+      if (lane == 0) StreamRow<Weights>::load(maps, stage, tile * L::kRows, c0, cols, full, policy);
       if constexpr (Weights::kEscapes) {
         const int g0 = c0 / kGroup, bit = g0 % kEscWordBits;
         if (bit == 0) {  // the row's next mask word: take the prefetched one, prefetch the one after
@@ -185,14 +234,11 @@ __device__ __forceinline__ void stream_produce(const Weights& weights, uint32_t 
         const uint32_t bits = kStreamGroups == kEscWordBits ? word.x : (word.x >> bit) & ((1u << kStreamGroups) - 1u), first = escape_slot(word.x, word.y, bit);
         sts64(stage + L::kHeaderOff + 8 * lane, bits, first);
         const int held = min(int(__popc(bits)), kStageEscapes);
-        StreamRow<Weights>::copy(weights, dst, row, c0, n, full, policy);
         sm90::mbar_expect_tx(full, held * kGroup);
         for (int k = 0; k < held; ++k) {
           bulk_load_hinted(stage + L::kEscOff + (lane * kStageEscapes + k) * kGroup,
                            weights.esc_exp + int64_t(first + k) * kGroup, kGroup, full, policy);
         }
-      } else {
-        StreamRow<Weights>::copy(weights, dst, row, c0, n, full, policy);
       }
       sm90::mbar_arrive(full);  // after the header and the expect_tx: its release publishes both
     }
@@ -256,7 +302,7 @@ __device__ __forceinline__ void stream_consume(const Weights& weights, uint32_t 
           const int col = (warp * L::kStageSteps + i0 + i) * kGroup + kLaneCols * t;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            raw[i][h] = StreamRow<Weights>::read(stage + (g + 8 * h) * StreamRow<Weights>::kRowPitch, col);
+            raw[i][h] = StreamRow<Weights>::read(stage, g + 8 * h, col);
           }
         }
         Pairs xs_next[kChunk][NT];
@@ -342,8 +388,8 @@ __device__ __forceinline__ void stream_consume(const Weights& weights, uint32_t 
 
 template <class Weights, int NT, int W, int S>
 __global__ void __launch_bounds__(StreamLayout<Weights, NT, W, S>::kThreads)
-    gemv_stream_kernel(Weights weights, const uint16_t* __restrict__ x, uint16_t* __restrict__ y, int batch, int rows,
-                       int cols) {
+    gemv_stream_kernel(Weights weights, const __grid_constant__ StreamMaps maps, const uint16_t* __restrict__ x,
+                       uint16_t* __restrict__ y, int batch, int rows, int cols) {
 #if UW_SM90A
   using L = StreamLayout<Weights, NT, W, S>;
   extern __shared__ __align__(128) uint8_t stream_smem[];
@@ -356,9 +402,13 @@ __global__ void __launch_bounds__(StreamLayout<Weights, NT, W, S>::kThreads)
     }
     sm90::fence_mbar_init();
   }
+  if (threadIdx.x == W * kLanes) {
+    sm90::prefetch_tensormap(&maps.a);
+    if (StreamRow<Weights>::kMaps > 1) sm90::prefetch_tensormap(&maps.b);
+  }
   __syncthreads();
   if (warp == W) {
-    if (lane < L::kRows) stream_produce<Weights, NT, W, S>(weights, smem, lane, rows, cols);
+    if (lane < L::kRows) stream_produce<Weights, NT, W, S>(weights, maps, smem, lane, rows, cols);
   } else {
     stream_consume<Weights, NT, W, S>(weights, smem, warp, lane, x, y, batch, rows, cols);
   }
@@ -366,25 +416,31 @@ __global__ void __launch_bounds__(StreamLayout<Weights, NT, W, S>::kThreads)
 }
 
 // Launches on a persistent grid: as many blocks as are resident at once, at most one per tile.
-// The caller has checked that the device is a Hopper GPU; a failure here (the shared-memory
-// reservation or the launch) is left for launch_status to report.
+// The caller has checked that the device is a Hopper GPU; a failure of the shared-memory
+// reservation or of the launch is left for launch_status to report.
 template <class Weights, int NT, int W, int S>
-void launch_stream_kernel(const Weights& weights, const uint16_t* x, uint16_t* y, int batch, int rows, int cols,
-                          cudaStream_t stream) {
+void launch_stream_kernel(const Weights& weights, const StreamMaps& maps, const uint16_t* x, uint16_t* y, int batch,
+                          int rows, int cols, cudaStream_t stream) {
   using L = StreamLayout<Weights, NT, W, S>;
   auto* kernel = &gemv_stream_kernel<Weights, NT, W, S>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes) != cudaSuccess) return;
   const int64_t tiles = (int64_t(rows) + L::kRows - 1) / L::kRows;
   kernel<<<resident_grid(kernel, L::kThreads, L::kSmemBytes, tiles), L::kThreads, L::kSmemBytes, stream>>>(
-      weights, x, y, batch, rows, cols);
+      weights, maps, x, y, batch, rows, cols);
 }
 
 // One tile of 8 batch rows up to batch 8, two above (missing rows of x read as zero, never stored).
 template <class Weights, int W, int S>
-void launch_stream(const Weights& weights, const uint16_t* x, uint16_t* y, int batch, int rows, int cols,
-                   cudaStream_t stream) {
-  if (batch <= 8) return launch_stream_kernel<Weights, 1, W, S>(weights, x, y, batch, rows, cols, stream);
-  return launch_stream_kernel<Weights, 2, W, S>(weights, x, y, batch, rows, cols, stream);
+ffi::Error launch_stream(const char* op, const Weights& weights, const uint16_t* x, uint16_t* y, int batch, int rows,
+                         int cols, cudaStream_t stream) {
+  StreamMaps maps{};
+  if (auto err = StreamRow<Weights>::encode(op, weights, rows, maps); err.failure()) return err;
+  if (batch <= 8) {
+    launch_stream_kernel<Weights, 1, W, S>(weights, maps, x, y, batch, rows, cols, stream);
+  } else {
+    launch_stream_kernel<Weights, 2, W, S>(weights, maps, x, y, batch, rows, cols, stream);
+  }
+  return ffi::Error::Success();
 }
 
 }  // namespace

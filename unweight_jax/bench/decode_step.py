@@ -118,10 +118,14 @@ def start_tokens(config: LlamaConfig, case: Case, seed: int, placement: Placemen
     return tokens if placement.replicated is None else jax.device_put(tokens, placement.replicated)
 
 
-def _decode_steps(graphdef, state, cache: KVCache, tokens: jax.Array, *, context: int, steps: int):
+def _decode_steps(graphdef, treedef, leaves: list[jax.Array], cache: KVCache, tokens: jax.Array, *, context: int, steps: int):
     """`steps` greedy decode steps from `tokens` [B] at position `context`; returns the cache and
-    the tokens chosen [steps, B]."""
-    model: Llama = nnx.merge(graphdef, state)
+    the tokens chosen [steps, B]. The model's state comes as a flat list of arrays (`state_leaves`)
+    with its tree structure static: flattening the nnx state tree in Python on every call costs a
+    few microseconds per array (3 ms a call for the 8B bf16 model, 6 ms for the compressed one with
+    its five arrays per weight: benchmarks/results/call_overhead-h100-nnx-state), a cost of the
+    calling convention, not of either model."""
+    model: Llama = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
     cache = dataclasses.replace(cache, length=jnp.int32(context))
     batch = tokens.shape[0]
 
@@ -137,16 +141,24 @@ def _decode_steps(graphdef, state, cache: KVCache, tokens: jax.Array, *, context
     return cache, chosen
 
 
-decode_steps = jax.jit(_decode_steps, static_argnums=(0,), static_argnames=("context", "steps"), donate_argnums=(2,))
+decode_steps = jax.jit(_decode_steps, static_argnums=(0, 1), static_argnames=("context", "steps"), donate_argnums=(3,))
+
+
+def state_leaves(model: Llama) -> tuple[object, object, list[jax.Array]]:
+    """The graph definition, state tree structure and state arrays of `model`, as `decode_steps`
+    takes them."""
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    return graphdef, treedef, leaves
 
 
 def lower_step(model: Llama, case: Case, steps: int, placement: Placement) -> jax.stages.Lowered:
     """The `steps`-step call of `model` for a case, lowered before its cache is allocated (tracing
     the model is where the library chooses each layer's plan)."""
-    graphdef, state = nnx.split(model)
+    graphdef, treedef, leaves = state_leaves(model)
     tokens = jax.ShapeDtypeStruct((case.batch,), jnp.int32, sharding=placement.replicated)
     cache = cache_spec(model.config, case, steps, placement)
-    return decode_steps.lower(graphdef, state, cache, tokens, context=case.context, steps=steps)
+    return decode_steps.lower(graphdef, treedef, leaves, cache, tokens, context=case.context, steps=steps)
 
 
 @dataclasses.dataclass
@@ -159,13 +171,13 @@ def time_steps(
     compiled: jax.stages.Compiled, model: Llama, cache: KVCache, tokens: jax.Array, *, steps: int, reps: int
 ) -> tuple[StepTiming, KVCache]:
     """One warm-up call, then the median of `reps` calls over `steps`; returns the cache to pass on."""
-    state = nnx.state(model)
-    cache, chosen = compiled(state, cache, tokens)
+    _, _, leaves = state_leaves(model)
+    cache, chosen = compiled(leaves, cache, tokens)
     warm_tokens = jax.device_get(chosen).tolist()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        cache, chosen = compiled(state, cache, tokens)
+        cache, chosen = compiled(leaves, cache, tokens)
         jax.block_until_ready(chosen)
         times.append(time.perf_counter() - start)
     return StepTiming(statistics.median(times) * 1e3 / steps, warm_tokens), cache

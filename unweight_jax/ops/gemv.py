@@ -19,7 +19,7 @@ The `variant` attribute picks the compiled kernel:
 | rows | 6 | fp32 FMA (batch <= 4), one warp per row along its whole length, lanes side by side (each load of a warp is 512 consecutive bytes of a row), 2 steps of 512 columns in flight; C <= 65536 |
 | rows2 | 7 | as rows, a warp per 2 rows sharing the reads of x |
 | rows_u4 | 8 | as rows, 4 steps in flight |
-| stream | 9 | Hopper, tensor cores: a persistent block of a producer warp and 4 consumer warps; the producer moves tiles of 16 rows x 1024 columns into a ring of 4 shared-memory stages with bulk copies (cp.async.bulk), each consumer warp rebuilds 4 of a stage's 16 groups of 64 columns and multiplies them with mma.sync |
+| stream | 9 | Hopper, tensor cores: a persistent block of a producer warp and 4 consumer warps; the producer moves tiles of 16 rows x 1024 columns into a ring of 4 shared-memory stages, one TMA box (cp.async.bulk.tensor) per array and stage, each consumer warp rebuilds 4 of a stage's 16 groups of 64 columns and multiplies them with mma.sync |
 | stream_s3 | 10 | as stream, 3 stages: less shared memory per block, more resident blocks |
 | stream_w8 | 11 | as stream, 8 consumer warps of 2 groups each |
 
@@ -61,7 +61,7 @@ VARIANTS: dict[str, Variant] = {
     "rows": Variant(6, "fp32 FMA, batch <= 4, a warp per row along its length, 2 steps in flight"),
     "rows2": Variant(7, "as rows, a warp per 2 rows"),
     "rows_u4": Variant(8, "as rows, 4 steps in flight"),
-    "stream": Variant(9, "Hopper, tensor cores fed by bulk copies through 4 shared-memory stages of 16 rows"),
+    "stream": Variant(9, "Hopper, tensor cores fed by TMA boxes through 4 shared-memory stages of 16 rows"),
     "stream_s3": Variant(10, "as stream, 3 stages (more resident blocks)"),
     "stream_w8": Variant(11, "as stream, 8 consumer warps of 2 groups of 64 columns each"),
 }
