@@ -28,6 +28,7 @@ step gemm_shapes python3 benchmarks/gemm_shapes.py --out "$out"
 step autotune python3 benchmarks/autotune.py --out "$out"
 step bench python3 -m unweight_jax.cli bench --out "$out"
 step side_stream python3 benchmarks/side_stream.py --out "$out"
+step call_overhead python3 benchmarks/call_overhead.py --out "$out" --trace
 command -v ncu > /dev/null && step profile_step python3 benchmarks/profile_step.py --out "$out"
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then  # tensor parallelism; NVLink multicast stays off
   step tensor_parallel python3 benchmarks/tensor_parallel.py --out "$out"
