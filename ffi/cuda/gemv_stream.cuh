@@ -73,6 +73,14 @@ struct StreamMaps {
   CUtensorMap a, b;
 };
 
+// A weight array [rows, row_bytes] read in boxes of kStreamRows rows x box_bytes, as u32 words
+// (a box row of u8 could hold only 256 bytes).
+inline ffi::Error stream_map(const char* op, const char* what, CUtensorMap* map, const void* base, int64_t row_bytes,
+                             int64_t rows, int box_bytes) {
+  return encode_map(op, what, map, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, base, row_bytes / 4, rows, box_bytes / 4,
+                    kStreamRows, CU_TENSOR_MAP_SWIZZLE_NONE);
+}
+
 // What a stage holds of a tile in each resident form (kBytes per row: the form's arrays one after
 // the other, each [kStreamRows][its bytes per row], dense as the TMA writes them), how the
 // producer loads it (one box per array, the whole tile stage in two copies) and how a consumer
@@ -88,13 +96,8 @@ struct StreamRow<PaletteWeights> {
   static constexpr int kIdxOff = kStreamRows * kStreamCols;
   static constexpr int kMaps = 2;
   static ffi::Error encode(const char* op, const PaletteWeights& w, int64_t rows, StreamMaps& maps) {
-    if (auto err = encode_map(op, "sm", &maps.a, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, w.sm, w.cols / 4, rows,
-                              kStreamCols / 4, kStreamRows, CU_TENSOR_MAP_SWIZZLE_NONE);
-        err.failure()) {
-      return err;
-    }
-    return encode_map(op, "idx", &maps.b, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, w.idx, w.cols / 8, rows, kStreamCols / 8,
-                      kStreamRows, CU_TENSOR_MAP_SWIZZLE_NONE);
+    if (auto err = stream_map(op, "sm", &maps.a, w.sm, w.cols, rows, kStreamCols); err.failure()) return err;
+    return stream_map(op, "idx", &maps.b, w.idx, w.cols / 2, rows, kStreamCols / 2);
   }
 #if UW_SM90A
   __device__ static void load(const StreamMaps& maps, uint32_t stage, int row0, int c0, int cols, uint32_t bar,
@@ -115,13 +118,8 @@ struct StreamRow<ExponentWeights> {
   static constexpr int kSmOff = kStreamRows * kStreamCols;
   static constexpr int kMaps = 2;
   static ffi::Error encode(const char* op, const ExponentWeights& w, int64_t rows, StreamMaps& maps) {
-    if (auto err = encode_map(op, "exp", &maps.a, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, w.exp, w.cols / 4, rows,
-                              kStreamCols / 4, kStreamRows, CU_TENSOR_MAP_SWIZZLE_NONE);
-        err.failure()) {
-      return err;
-    }
-    return encode_map(op, "sm", &maps.b, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, w.sm, w.cols / 4, rows, kStreamCols / 4,
-                      kStreamRows, CU_TENSOR_MAP_SWIZZLE_NONE);
+    if (auto err = stream_map(op, "exp", &maps.a, w.exp, w.cols, rows, kStreamCols); err.failure()) return err;
+    return stream_map(op, "sm", &maps.b, w.sm, w.cols, rows, kStreamCols);
   }
 #if UW_SM90A
   __device__ static void load(const StreamMaps& maps, uint32_t stage, int row0, int c0, int cols, uint32_t bar,
@@ -145,8 +143,7 @@ struct StreamRow<Bf16Weights> {
   static constexpr int kHalfOff = kStreamRows * kStreamCols;
   static constexpr int kMaps = 1;
   static ffi::Error encode(const char* op, const Bf16Weights& w, int64_t rows, StreamMaps& maps) {
-    return encode_map(op, "w", &maps.a, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, w.w, w.cols / 2, rows, kHalfCols / 2,
-                      kStreamRows, CU_TENSOR_MAP_SWIZZLE_NONE);
+    return stream_map(op, "w", &maps.a, w.w, 2 * w.cols, rows, 2 * kHalfCols);
   }
 #if UW_SM90A
   __device__ static void load(const StreamMaps& maps, uint32_t stage, int row0, int c0, int cols, uint32_t bar,
