@@ -57,10 +57,8 @@ enum Variant : int32_t {
   kStream = 9,     // Hopper: tensor cores fed by bulk copies through 4 shared-memory stages (gemv_stream.cuh)
   kStreamS3 = 10,  // as kStream, 3 stages (less shared memory per block)
   kStreamW8 = 11,  // as kStream, 8 consumer warps
-  kStreamW8Capped = 12,  // as kStreamW8 with 3 stages, at most 80 registers: two blocks per SM
-  kStreamCapped = 13,    // as kStream with 2 stages, at most 80 registers: three blocks per SM
 };
-constexpr int32_t kLastVariant = kStreamCapped;
+constexpr int32_t kLastVariant = kStreamW8;
 
 constexpr bool is_row_variant(int32_t v) { return v >= kRows && v <= kRowsU4; }
 constexpr bool is_fma_variant(int32_t v) { return v == kFma || is_row_variant(v); }
@@ -592,10 +590,6 @@ ffi::Error launch(const char* op, const Weights& weights, const Problem& p, int3
     case kStream: return launch_stream<Weights, 4, 4>(op, weights, p.x, p.y, p.batch, p.rows, p.cols, stream);
     case kStreamS3: return launch_stream<Weights, 4, 3>(op, weights, p.x, p.y, p.batch, p.rows, p.cols, stream);
     case kStreamW8: return launch_stream<Weights, 8, 4>(op, weights, p.x, p.y, p.batch, p.rows, p.cols, stream);
-    case kStreamW8Capped:
-      return launch_stream<Weights, 8, 3, true>(op, weights, p.x, p.y, p.batch, p.rows, p.cols, stream);
-    case kStreamCapped:
-      return launch_stream<Weights, 4, 2, true>(op, weights, p.x, p.y, p.batch, p.rows, p.cols, stream);
   }
   return ffi::Error::Success();
 }

@@ -383,11 +383,11 @@ __device__ __forceinline__ void stream_consume(const Weights& weights, uint32_t 
 }
 #endif  // UW_SM90A
 
-#if UW_SM90A
-// One block: its barriers set up, then the producer warp and the consumer warps.
 template <class Weights, int NT, int W, int S>
-__device__ __forceinline__ void stream_block(const Weights& weights, const StreamMaps& maps, const uint16_t* x,
-                                             uint16_t* y, int batch, int rows, int cols) {
+__global__ void __launch_bounds__(StreamLayout<Weights, NT, W, S>::kThreads)
+    gemv_stream_kernel(Weights weights, const __grid_constant__ StreamMaps maps, const uint16_t* __restrict__ x,
+                       uint16_t* __restrict__ y, int batch, int rows, int cols) {
+#if UW_SM90A
   using L = StreamLayout<Weights, NT, W, S>;
   extern __shared__ __align__(128) uint8_t stream_smem[];
   const uint32_t smem = sm90::smem_u32(stream_smem);
@@ -409,42 +409,17 @@ __device__ __forceinline__ void stream_block(const Weights& weights, const Strea
   } else {
     stream_consume<Weights, NT, W, S>(weights, smem, warp, lane, x, y, batch, rows, cols);
   }
-}
-#endif  // UW_SM90A
-
-template <class Weights, int NT, int W, int S>
-__global__ void __launch_bounds__(StreamLayout<Weights, NT, W, S>::kThreads)
-    gemv_stream_kernel(Weights weights, const __grid_constant__ StreamMaps maps, const uint16_t* __restrict__ x,
-                       uint16_t* __restrict__ y, int batch, int rows, int cols) {
-#if UW_SM90A
-  stream_block<Weights, NT, W, S>(weights, maps, x, y, batch, rows, cols);
-#endif
-}
-
-// The same block held to kCappedRegisters registers a thread, so that more blocks share an SM:
-// registers are granted to a block in fours of warps, so a block of 9 warps at the 112 registers
-// the compiler picks for stream_w8 is charged 12 x 32 x 112 and fills half the register file
-// alone (benchmarks/results/gemv_stream_tma_profile-h100.txt: one block, 9 warps, per SM).
-constexpr int kCappedRegisters = 80;
-
-template <class Weights, int NT, int W, int S>
-__global__ void __maxnreg__(kCappedRegisters)
-    gemv_stream_kernel_capped(Weights weights, const __grid_constant__ StreamMaps maps, const uint16_t* __restrict__ x,
-                              uint16_t* __restrict__ y, int batch, int rows, int cols) {
-#if UW_SM90A
-  stream_block<Weights, NT, W, S>(weights, maps, x, y, batch, rows, cols);
 #endif
 }
 
 // Launches on a persistent grid: as many blocks as are resident at once, at most one per tile.
 // The caller has checked that the device is a Hopper GPU; a failure of the shared-memory
 // reservation or of the launch is left for launch_status to report.
-template <class Weights, int NT, int W, int S, bool CAPPED>
+template <class Weights, int NT, int W, int S>
 void launch_stream_kernel(const Weights& weights, const StreamMaps& maps, const uint16_t* x, uint16_t* y, int batch,
                           int rows, int cols, cudaStream_t stream) {
   using L = StreamLayout<Weights, NT, W, S>;
   auto* kernel = &gemv_stream_kernel<Weights, NT, W, S>;
-  if constexpr (CAPPED) kernel = &gemv_stream_kernel_capped<Weights, NT, W, S>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes) != cudaSuccess) return;
   const int64_t tiles = (int64_t(rows) + L::kRows - 1) / L::kRows;
   kernel<<<resident_grid(kernel, L::kThreads, L::kSmemBytes, tiles), L::kThreads, L::kSmemBytes, stream>>>(
@@ -452,15 +427,15 @@ void launch_stream_kernel(const Weights& weights, const StreamMaps& maps, const 
 }
 
 // One tile of 8 batch rows up to batch 8, two above (missing rows of x read as zero, never stored).
-template <class Weights, int W, int S, bool CAPPED = false>
+template <class Weights, int W, int S>
 ffi::Error launch_stream(const char* op, const Weights& weights, const uint16_t* x, uint16_t* y, int batch, int rows,
                          int cols, cudaStream_t stream) {
   StreamMaps maps{};
   if (auto err = StreamRow<Weights>::encode(op, weights, rows, maps); err.failure()) return err;
   if (batch <= 8) {
-    launch_stream_kernel<Weights, 1, W, S, CAPPED>(weights, maps, x, y, batch, rows, cols, stream);
+    launch_stream_kernel<Weights, 1, W, S>(weights, maps, x, y, batch, rows, cols, stream);
   } else {
-    launch_stream_kernel<Weights, 2, W, S, CAPPED>(weights, maps, x, y, batch, rows, cols, stream);
+    launch_stream_kernel<Weights, 2, W, S>(weights, maps, x, y, batch, rows, cols, stream);
   }
   return ffi::Error::Success();
 }

@@ -22,8 +22,6 @@ The `variant` attribute picks the compiled kernel:
 | stream | 9 | Hopper, tensor cores: a persistent block of a producer warp and 4 consumer warps; the producer moves tiles of 16 rows x 1024 columns into a ring of 4 shared-memory stages, one TMA box (cp.async.bulk.tensor) per array and stage, each consumer warp rebuilds 4 of a stage's 16 groups of 64 columns and multiplies them with mma.sync |
 | stream_s3 | 10 | as stream, 3 stages: less shared memory per block, more resident blocks |
 | stream_w8 | 11 | as stream, 8 consumer warps of 2 groups each |
-| stream_w8_r80 | 12 | as stream_w8 with 3 stages, held to 80 registers a thread: two blocks per SM |
-| stream_r80 | 13 | as stream with 2 stages, held to 80 registers a thread: three blocks per SM |
 
 In the mma and fma variants the warps of a block split the columns of its rows and the grid is
 sized so that every block is resident at once; the rows variants give each warp whole rows. The
@@ -66,12 +64,10 @@ VARIANTS: dict[str, Variant] = {
     "stream": Variant(9, "Hopper, tensor cores fed by TMA boxes through 4 shared-memory stages of 16 rows"),
     "stream_s3": Variant(10, "as stream, 3 stages (more resident blocks)"),
     "stream_w8": Variant(11, "as stream, 8 consumer warps of 2 groups of 64 columns each"),
-    "stream_w8_r80": Variant(12, "as stream_w8, 3 stages, at most 80 registers (two blocks per SM)"),
-    "stream_r80": Variant(13, "as stream, 2 stages, at most 80 registers (three blocks per SM)"),
 }
 ROW_VARIANTS = ("rows", "rows2", "rows_u4")
 FMA_VARIANTS = ("fma", *ROW_VARIANTS)
-STREAM_VARIANTS = ("stream", "stream_s3", "stream_w8", "stream_w8_r80", "stream_r80")
+STREAM_VARIANTS = ("stream", "stream_s3", "stream_w8")
 _TARGETS = ("unweight_gemv_palette", "unweight_gemv_exponent", "unweight_gemv_bf16")
 ROW_MAX_COLS = 32 * 32 * GROUP  # a row's escape mask words, one per lane
 
