@@ -180,19 +180,26 @@ def test_fused_candidates_and_pruning(fake_gpu):
 def test_first_pass_takes_the_static_variant_first(fake_gpu):
     plans = prune(runnable(("palette",), 4096, 4096, 1, jnp.bfloat16), 1)
     first, held = candidates.split_passes(plans, 1)
-    assert first == [Plan("palette"), gemv_plan("rows2"), gemv_plan("mma")]
-    assert held == [gemv_plan(n) for n in gemv.VARIANTS if n not in ("rows2", "mma")]
+    assert first == [Plan("palette"), gemv_plan("stream_w8"), gemv_plan("rows2")]
+    static = ("stream_w8", "rows2", "mma_acc4")  # the static variants covering batch 1, in order
+    assert held == [gemv_plan("mma_acc4")] + [gemv_plan(n) for n in gemv.VARIANTS if n not in static]
 
 
 def test_static_plans_follow_the_table(fake_gpu):
     batches = (1, 2, 16, 32, 64, 128, 256)
     static = {b: label(candidates.static_plan("palette", 4096, 4096, b, jnp.bfloat16)) for b in batches}
     assert static == {
-        1: "palette/gemv:rows2", 2: "palette/gemv:mma_acc4", 16: "palette/gemv:mma_acc4",
+        1: "palette/gemv:stream_w8", 2: "palette/gemv:stream_w8", 16: "palette/gemv:stream_w8",
         32: "palette/gemm:n64_s8", 64: "palette/gemm:n64_s8", 128: "palette/gemm:n128_s6",
         256: "palette/gemm:n256_s4",
     }
     assert candidates.static_plan("palette", 4096, 4096, 1, jnp.float32) == Plan("palette")
+
+
+def test_static_plans_fall_back_where_the_stream_gemv_does_not_run(fake_gpu, monkeypatch):
+    monkeypatch.setattr(registry, "hopper_available", lambda targets: False)  # an sm_80 GPU
+    static = {b: label(candidates.static_plan("palette", 4096, 4096, b, jnp.bfloat16)) for b in (1, 2, 16)}
+    assert static == {1: "palette/gemv:rows2", 2: "palette/gemv:mma_acc4", 16: "palette/gemv:mma_acc4"}
 
 
 def test_the_second_pass_refines_only_families_near_the_best(fake_gpu, monkeypatch):

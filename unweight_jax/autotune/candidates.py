@@ -59,12 +59,19 @@ FIRST_PASS_PER_FAMILY = 2
 REFINE_WITHIN = 0.10
 
 # The static choice (tuning off, or nothing cached in cache-only mode): per family, (largest
-# batch, variant), the variants the tuner chose most often for the 8B MLP shapes on an H100
-# (benchmarks/results/autotune-h100.json); the GEMV up to its largest batch, the GEMM above.
+# batch, variant) in order of preference, the first that covers the batch and runs the case here;
+# the GEMV up to its largest batch, the GEMM above. On Hopper the streaming GEMV was the fastest at
+# batches 1 to 16 on the 8B MLP stack (benchmarks/results/mlp_stack-h100-tma.json); elsewhere the
+# variants the tuner chose most often for those shapes (autotune-h100.json).
 STATIC_VARIANTS: dict[str, tuple[tuple[int, str], ...]] = {
-    "gemv": ((1, "rows2"), (gemv.MAX_BATCH, "mma_acc4")),
+    "gemv": ((gemv.MAX_BATCH, "stream_w8"), (1, "rows2"), (gemv.MAX_BATCH, "mma_acc4")),
     "gemm": ((64, "n64_s8"), (128, "n128_s6"), (2**31, "n256_s4")),
 }
+
+
+def static_names(family: str, batch: int) -> list[str]:
+    """The family's static variants that cover `batch`, in order of preference."""
+    return [name for limit, name in STATIC_VARIANTS[family] if batch <= limit]
 
 
 def variant_name(plan: Plan) -> str:
@@ -137,17 +144,18 @@ def static_plan(
         pick = Plan(pipeline, family, FAMILIES[family].VARIANTS[name].id)
         if pick in plans:
             return pick
-    for family, table in STATIC_VARIANTS.items():
-        name = next((n for limit, n in table if batch <= limit), None)
-        pick = Plan(pipeline, family, FAMILIES[family].VARIANTS[name].id) if name else None
-        if pick in plans:
-            return pick
+    for family in STATIC_VARIANTS:
+        for name in static_names(family, batch):
+            pick = Plan(pipeline, family, FAMILIES[family].VARIANTS[name].id)
+            if pick in plans:
+                return pick
     return Plan(pipeline)
 
 
 def _static_rank(plan: Plan, batch: int) -> int:
-    """0 for the family's static variant at `batch`, else 1 + its place in the family's table."""
-    name = variant_name(plan)
-    if name == next((n for limit, n in STATIC_VARIANTS[plan.kernel] if batch <= limit), None):
-        return 0
-    return 1 + list(FAMILIES[plan.kernel].VARIANTS).index(name)
+    """The place of the plan's variant among the family's static variants at `batch`, then (after
+    them) in the family's table."""
+    name, static = variant_name(plan), static_names(plan.kernel, batch)
+    if name in static:
+        return static.index(name)
+    return len(static) + list(FAMILIES[plan.kernel].VARIANTS).index(name)
