@@ -36,3 +36,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def full_precision_matmuls(request: pytest.FixtureRequest):
+    """Tests not marked gpu compare fp32 results with outside references (transformers, the
+    llama2c numpy reference) or with each other, at tolerances the CPU meets; on a GPU, XLA's
+    default precision rounds fp32 matmul inputs to TF32 (a relative error near 1e-3), so those
+    tests run their matmuls in full fp32 there too. The gpu tests keep XLA's default."""
+    if "gpu" in request.keywords:
+        yield
+        return
+    with jax.default_matmul_precision("highest"):
+        yield

@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
+from unweight_jax.bench.run_info import device_tag
 from unweight_jax.cli import main
 
 SCHEMA = ("benchmark", "device", "driver", "jax_version", "date", "commit", "rows")
@@ -19,6 +21,8 @@ ROW_SCHEMA = ("batch", "model", "pipeline", "ours_ms", "baseline_ms", "baseline"
 # The tiny model's KV cache at this context needs ~5 TB: more than any machine's free memory.
 HUGE_CONTEXT = 10**10
 FAST = ["--steps", "2", "--reps", "1"]
+# The files a run in this process writes are named after its device (bench-cpu.* in CI).
+STEM = "bench-" + device_tag(jax.devices()[0].device_kind)
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +32,14 @@ def bench(tmp_path_factory) -> tuple[dict, Path]:
     with pytest.MonkeyPatch.context() as env:
         env.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")  # the command sets it when unset; keep it local
         assert main(args) == 0
-    return json.loads((out / "bench-cpu.json").read_text()), out
+    return json.loads((out / f"{STEM}.json").read_text()), out
 
 
 def test_writes_json_markdown_and_plot(bench):
     report, out = bench
-    assert {p.name for p in out.iterdir()} == {"bench-cpu.json", "bench-cpu.md", "bench-cpu.png"}
-    assert (out / "bench-cpu.png").read_bytes().startswith(b"\x89PNG")
-    table = (out / "bench-cpu.md").read_text()
+    assert {p.name for p in out.iterdir()} == {f"{STEM}.json", f"{STEM}.md", f"{STEM}.png"}
+    assert (out / f"{STEM}.png").read_bytes().startswith(b"\x89PNG")
+    table = (out / f"{STEM}.md").read_text()
     assert "| 2 | 32 |" in table and "## MLP stack alone" in table
 
 
@@ -75,7 +79,7 @@ def test_a_case_that_does_not_fit_is_reported_with_its_bytes(bench):
         assert row["reason"].startswith("does not fit")
         # keys and values of 2 layers x 2 KV heads x 32 dims in bf16, for every slot
         assert row["kv_cache_bytes_needed"] > 2 * 2 * 2 * 32 * 2 * row["batch"] * HUGE_CONTEXT
-    assert f"| 1 | {HUGE_CONTEXT} | not run: does not fit" in (out / "bench-cpu.md").read_text()
+    assert f"| 1 | {HUGE_CONTEXT} | not run: does not fit" in (out / f"{STEM}.md").read_text()
 
 
 def test_bad_arguments_are_refused_with_a_message(tmp_path, capsys, monkeypatch):
@@ -116,7 +120,7 @@ def test_a_given_bundle_is_benchmarked_as_it_is(tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert main(["bench", "--bundle", str(bundle), "--batch", "2", "--context", "16", "--no-mlp-stack",
                  "--skip-disk", "--out", str(out), *FAST]) == 0
-    report = json.loads((out / "bench-cpu.json").read_text())
+    report = json.loads((out / f"{STEM}.json").read_text())
     assert report["model"] == "tiny" and report["source"] == "bundle tiny.unw.safetensors"
     assert report["footprint"]["bundle_bytes"] == bundle.stat().st_size  # a given bundle is measured as it is
     assert [r["tokens_agree"] for r in report["rows"]] == [1.0]
