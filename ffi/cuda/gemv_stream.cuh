@@ -10,7 +10,7 @@
 // the first version (one 1-D bulk copy per row and array, 32 per stage; under Nsight Compute on
 // the 8B gate matrix at batch 1, benchmarks/results/gemv_stream_profile-h100.txt: 42.7 us against
 // 41.3 us for gemv.cu's rows2), so a stage is now one 2-D box per array: 16 rows x 1 KB. With
-// the boxes (gemv_stream_tma_profile-h100.txt) stream_w8 takes 39.1 us on that matrix and 39.5 us
+// the boxes (gemv_stream_tma_profile-h100.txt) stream_w8 takes 39.5 us on that matrix and 40.1 us
 // on the down matrix (rows2: 41.3 and 39.0); its palette form reaches 68 % of DRAM peak where the
 // bf16 twin reaches 83 %: one block of 9 warps fits an SM (112 registers, 114 KB) and the rebuild's
 // latency shows. Capping registers at 80 for two or three blocks an SM spilled and was slower
