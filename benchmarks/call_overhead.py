@@ -32,7 +32,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from flax import nnx
 
 from unweight_jax.bench.decode_step import (
@@ -65,7 +64,7 @@ def compile_step(model, case: Case, steps: int, placement: Placement, args: str)
     if args == "leaves":
         return lower_step(model, case, steps, placement).compile()
     graphdef, state = nnx.split(model)
-    tokens = jax.ShapeDtypeStruct((case.batch,), jnp.int32)
+    tokens = jax.ShapeDtypeStruct((case.batch,), jnp.int32, sharding=placement.replicated)
     return steps_taking_state.lower(graphdef, state, cache_spec(model.config, case, steps, placement), tokens,
                                     context=case.context, steps=steps).compile()
 
